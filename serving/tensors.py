@@ -1,0 +1,122 @@
+"""THE tensor table: the name, dtype and shape of every tensor of the ONNX graph, the Triton
+models and the client. Everything else (torch.onnx.export names and dynamic axes, config.pbtxt,
+the runtime's bindings, the client's requests) is generated from here; no tensor name is typed
+twice. (onnxruntime-genai builder style: inputs/outputs declared once.)
+
+Names follow the ecosystem (HF Optimum, onnxruntime-genai): `past_key_values.{i}.key|value` in,
+`present.{i}.key|value` out, layout (batch, heads, seq, head_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+Dim = Union[int, str]  # a fixed size, or a symbolic axis name
+KVCache = Literal["static", "dynamic"]
+
+# symbolic axes
+BATCH = "batch_size"
+SEQ = "sequence_length"  # new tokens in this step
+PAST = "past_sequence_length"  # dynamic cache: tokens already in the cache
+TOTAL = "total_sequence_length"  # past + new
+MAX_SEQ = "max_sequence_length"  # static cache: the preallocated buffer length (n_positions)
+
+# numpy dtype name -> (ONNX / Triton client datatype, config.pbtxt data_type)
+_TRITON = {
+    "int64": ("INT64", "TYPE_INT64"),
+    "int32": ("INT32", "TYPE_INT32"),
+    "uint64": ("UINT64", "TYPE_UINT64"),
+    "float32": ("FP32", "TYPE_FP32"),
+    "float16": ("FP16", "TYPE_FP16"),
+    "bool": ("BOOL", "TYPE_BOOL"),
+    "bytes": ("BYTES", "TYPE_STRING"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name, or "bytes" for Triton strings
+    shape: tuple[Dim, ...]
+    optional: bool = False
+    doc: str = ""
+
+    @property
+    def datatype(self) -> str:
+        """The Triton wire datatype (tritonclient InferInput), e.g. "INT64"."""
+        return _TRITON[self.dtype][0]
+
+    @property
+    def config_data_type(self) -> str:
+        """The config.pbtxt data_type, e.g. "TYPE_INT64"."""
+        return _TRITON[self.dtype][1]
+
+    def dims(self, sizes: dict[str, int] | None = None) -> list[int]:
+        """Concrete dims; symbolic axes become -1 unless given in sizes."""
+        sizes = sizes or {}
+        return [d if isinstance(d, int) else sizes.get(d, -1) for d in self.shape]
+
+
+# ---------------------------------------------------------------- the ONNX graph
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+
+
+def graph_inputs(n_layer: int, n_head: int, head_dim: int, *, kv_dtype: str, kv_cache: KVCache) -> list[TensorSpec]:
+    """Inputs of the exported graph.
+
+    static: past buffers are (B, nh, max_sequence_length, hs), updated in place (ORT IO binding
+    binds the same buffer as past and present); attention_mask (B, total) holds each row's
+    valid length as its number of ones (right padding).
+    dynamic: past is (B, nh, past_sequence_length, hs); present = past ++ new.
+    """
+    kv_len = MAX_SEQ if kv_cache == "static" else PAST
+    specs = [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ), doc="new token ids of this step"),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ), doc="absolute positions of the new tokens"),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL), doc="1 for real tokens, 0 for padding"),
+    ]
+    for i in range(n_layer):
+        for name in (past_key(i), past_value(i)):
+            specs.append(TensorSpec(name, kv_dtype, (BATCH, n_head, kv_len, head_dim)))
+    return specs
+
+
+def graph_outputs(n_layer: int, n_head: int, head_dim: int, vocab_size: int, *, kv_dtype: str,
+                  logits_dtype: str, kv_cache: KVCache) -> list[TensorSpec]:
+    """Outputs: the last position's logits only (a decode step must not return seq x vocab
+    floats), and the presents."""
+    kv_len = MAX_SEQ if kv_cache == "static" else TOTAL
+    specs = [TensorSpec(LOGITS, logits_dtype, (BATCH, vocab_size), doc="logits of the last position")]
+    for i in range(n_layer):
+        for name in (present_key(i), present_value(i)):
+            specs.append(TensorSpec(name, kv_dtype, (BATCH, n_head, kv_len, head_dim)))
+    return specs
+
+
+# Which present output updates which past input (the in-place static cache aliases them).
+def kv_pairs(n_layer: int) -> list[tuple[str, str]]:
+    return [(past_key(i), present_key(i)) for i in range(n_layer)] + [
+        (past_value(i), present_value(i)) for i in range(n_layer)
+    ]
