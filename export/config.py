@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# name (as Hugging Face's activation_function) -> torch's GELU approximation
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 50257
@@ -16,6 +20,7 @@ class GPTConfig:
     n_embd: int = 768
     layer_norm_epsilon: float = 1e-5
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm; nanoGPT can drop them
+    activation: str = "gelu_new"  # GPT-2's tanh GELU; "gelu" is the exact one nanoGPT trains with
     bos_token_id: int = 50256
     eos_token_id: int = 50256
 
@@ -28,6 +33,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
 

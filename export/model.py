@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from export.config import GPTConfig
+from export.config import ACTIVATIONS, GPTConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (B, nh, S, hs)
 # attend(q, k, v) with q, k, v (B, T, C) -> (y (B, T, C), present (key, value))
@@ -42,7 +42,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
+        self.act = nn.GELU(approximate=ACTIVATIONS[config.activation])
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
