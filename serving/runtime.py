@@ -1,0 +1,282 @@
+"""One `step()` interface over ONNX Runtime (numpy + onnxruntime only; never torch).
+
+`OrtRuntime(path)` reads the graph's inputs to learn what it serves: the cache kind (the past's
+sequence axis is `max_sequence_length` for the static graph, `past_sequence_length` for the
+dynamic one, as the tensor table names them), n_layer, heads, head size, vocab and dtypes.
+
+Static graph (`step`): a step runs rows `[slot_start, slot_start + B)` of a `KVPool`. The runtime
+binds each layer's `pool.keys[l][slot_start:slot_start + B]` (a contiguous view) as BOTH
+`past_key_values.l.key` and `present.l.key` (same for values) by raw pointer, so
+GroupQueryAttention sees past == present and writes the new keys/values in place: no cache copy,
+no cache allocation. attention_mask and position_ids are built from `past_lengths`; the logits
+land in a buffer the runtime allocates once (grown when a larger batch comes).
+
+Invariants the caller (the scheduler) keeps:
+- every row of the range gets its token(s) written at positions [past_lengths[b], +T). A row that
+  is not really stepping (a free slot, or a sequence without a token in this batch) rides along
+  with a dummy token written at its next position — beyond its valid prefix, and overwritten by
+  its own next real token later — and its logits are ignored. So: a stepping row passes its true
+  length; a ride-along sequence passes a value >= its true length (its next position; a smaller
+  one would overwrite a valid position); a free slot may pass 0; always past_lengths[b] + T <=
+  pool.max_length.
+- `step` never changes `pool.lengths`: the caller advances the lengths of the real rows.
+- one step at a time per runtime (IO bindings are cached and reused): not thread-safe.
+- calls follow GroupQueryAttention's contract: T == 1 (batched decode, any past lengths), or all
+  past lengths 0 (first prompts of the same length), or B == 1 (a prompt after a past).
+
+With the CUDA provider the pool still lives in host memory: ONNX Runtime copies the bound buffers
+to the device and back (correct — GQA then sees two buffers and concatenates — but it moves the
+whole range each step); a device-resident pool is future work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from serving import tensors
+from serving.kv_cache import KVPool
+
+logger = logging.getLogger(__name__)
+
+_ORT_DTYPES = {"tensor(float)": np.dtype("float32"), "tensor(float16)": np.dtype("float16"),
+               "tensor(int64)": np.dtype("int64"), "tensor(int32)": np.dtype("int32")}
+
+
+def physical_cores() -> int:
+    """Physical cores: ORT's intra-op threads beyond them only contend for the same FPUs."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:  # psutil is a dependency; stay importable without it anyway
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def session_options(*, intra_op_threads: Optional[int] = None) -> ort.SessionOptions:
+    """Options for a latency-bound decode loop.
+
+    - intra-op threads = physical cores; one inter-op thread, sequential execution (a decoder is
+      a chain of ops: there is nothing to run side by side);
+    - all graph optimisations (ORT's own fusions and constant folding on load);
+    - the memory-pattern planner off: it plans for one input shape, and every decode step has a
+      new total length (measured: no gain with it on).
+    """
+    if intra_op_threads is not None and intra_op_threads < 1:
+        raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_mem_pattern = False
+    return options
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OrtRuntime:
+    def __init__(self, onnx_path: str | os.PathLike, *, intra_op_threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None) -> None:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {path}")
+        self.path = path
+        self.session = ort.InferenceSession(
+            str(path), session_options(intra_op_threads=intra_op_threads),
+            providers=list(providers) if providers else default_providers())
+        self._read_graph()
+        self._logits: Optional[np.ndarray] = None  # (rows, V), grown on demand
+        # IO bindings with the KV buffers of a slot range already bound, by (pool, start, rows):
+        # binding 4 x n_layer raw pointers costs ~0.5 ms, a few % of a decode step
+        self._bindings: OrderedDict[tuple[int, int, int], tuple[weakref.ref, ort.IOBinding]] = OrderedDict()
+        logger.info("ORT session %s: %s cache, %d layers, kv %s, logits %s, providers %s", path.name,
+                    self.kv_cache, self.n_layer, self.kv_dtype, self.logits_dtype, self.providers)
+
+    # ------------------------------------------------------------------ graph facts
+
+    def _read_graph(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        missing = [n for n in (tensors.INPUT_IDS, tensors.POSITION_IDS, tensors.ATTENTION_MASK,
+                               tensors.past_key(0)) if n not in inputs]
+        if missing or tensors.LOGITS not in outputs:
+            raise ValueError(f"{self.path} is not a gptpipe graph: missing inputs {missing} "
+                             f"or output {tensors.LOGITS!r}; inputs are {sorted(inputs)}")
+        n_layer = 0
+        while tensors.past_key(n_layer) in inputs:
+            n_layer += 1
+        self.n_layer = n_layer
+        past = inputs[tensors.past_key(0)]
+        _, n_head, seq_axis, head_dim = past.shape
+        if seq_axis == tensors.MAX_SEQ:
+            self.kv_cache: tensors.KVCache = "static"
+        elif seq_axis == tensors.PAST:
+            self.kv_cache = "dynamic"
+        else:
+            raise ValueError(f"{self.path}: the past's sequence axis is {seq_axis!r}; expected "
+                             f"{tensors.MAX_SEQ!r} (static cache) or {tensors.PAST!r} (dynamic)")
+        self.n_head, self.head_dim = int(n_head), int(head_dim)
+        self.kv_dtype = _ORT_DTYPES[past.type]
+        logits = outputs[tensors.LOGITS]
+        self.vocab_size = int(logits.shape[-1])
+        self.logits_dtype = _ORT_DTYPES[logits.type]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        # the model's context length (learned positions end there), when the export recorded it
+        config = json.loads(self.metadata.get("gptpipe.config", "{}"))
+        self.n_positions: Optional[int] = config.get("n_positions")
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def new_pool(self, *, max_sequences: int, max_length: int) -> KVPool:
+        """A pool shaped for this graph."""
+        if self.n_positions is not None and max_length > self.n_positions:
+            raise ValueError(f"max_length {max_length} exceeds the model's context length "
+                             f"n_positions={self.n_positions}")
+        return KVPool(n_layer=self.n_layer, n_head=self.n_head, head_dim=self.head_dim,
+                      max_sequences=max_sequences, max_length=max_length, dtype=self.kv_dtype)
+
+    # ------------------------------------------------------------------ static graph
+
+    def step(self, input_ids: np.ndarray, *, pool: KVPool, slot_start: int,
+             past_lengths: np.ndarray | Sequence[int], out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Run T new tokens for rows [slot_start, slot_start + B) of `pool`, in place.
+
+        input_ids (B, T) int; past_lengths (B,): each row's cached positions. Returns the last
+        position's logits (B, V): `out` when given, else a view of the runtime's logits buffer,
+        valid until the next step (copy what you keep)."""
+        if self.kv_cache != "static":
+            raise ValueError(f"step() needs the static-cache graph; {self.path.name} has a "
+                             "dynamic cache (use run())")
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        past = np.ascontiguousarray(past_lengths, dtype=np.int64)
+        B, T = self._check_step(input_ids, pool, slot_start, past)
+        total = past + T  # (B,)
+        max_total = int(total.max())
+        mask = (np.arange(max_total)[None, :] < total[:, None]).astype(np.int64)  # (B, total)
+        positions = past[:, None] + np.arange(T)[None, :]  # (B, T)
+        logits = self._logits_out(B, out)
+
+        io = self._kv_binding(pool, int(slot_start), B)
+        io.bind_cpu_input(tensors.INPUT_IDS, input_ids)
+        io.bind_cpu_input(tensors.POSITION_IDS, positions)
+        io.bind_cpu_input(tensors.ATTENTION_MASK, mask)
+        io.bind_output(tensors.LOGITS, "cpu", 0, self.logits_dtype.type, [B, self.vocab_size],
+                       logits.ctypes.data)
+        self.session.run_with_iobinding(io)
+        return logits
+
+    _MAX_BINDINGS = 256
+
+    def _kv_binding(self, pool: KVPool, slot_start: int, B: int) -> ort.IOBinding:
+        """An IO binding with rows [slot_start, slot_start + B) of every layer's buffers bound as
+        both past input and present output (the in-place update). Cached: the pool's buffers
+        never move. The cache holds the pool weakly; a dead pool's bindings are never used."""
+        key = (id(pool), slot_start, B)
+        entry = self._bindings.get(key)
+        if entry is not None and entry[0]() is pool:
+            self._bindings.move_to_end(key)
+            return entry[1]
+        io = self.session.io_binding()
+        rows = [B, self.n_head, pool.max_length, self.head_dim]
+        offset = slot_start * pool.n_head * pool.max_length * pool.head_dim * pool.dtype.itemsize
+        for layer in range(self.n_layer):
+            for past_name, present_name, buffers in (
+                (tensors.past_key(layer), tensors.present_key(layer), pool.keys),
+                (tensors.past_value(layer), tensors.present_value(layer), pool.values),
+            ):
+                ptr = buffers[layer].ctypes.data + offset  # rows slot_start.. of (S, nh, MAX, hs)
+                io.bind_input(past_name, "cpu", 0, pool.dtype.type, rows, ptr)
+                io.bind_output(present_name, "cpu", 0, pool.dtype.type, rows, ptr)
+        self._bindings[key] = (weakref.ref(pool), io)
+        if len(self._bindings) > self._MAX_BINDINGS:
+            self._bindings.popitem(last=False)
+        return io
+
+    def _check_step(self, input_ids: np.ndarray, pool: KVPool, slot_start: int,
+                    past: np.ndarray) -> tuple[int, int]:
+        if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch >= 1, tokens >= 1), got shape {input_ids.shape}")
+        B, T = input_ids.shape
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+        if (pool.n_layer, pool.n_head, pool.head_dim) != (self.n_layer, self.n_head, self.head_dim):
+            raise ValueError(
+                f"pool shape (n_layer, n_head, head_dim) = {(pool.n_layer, pool.n_head, pool.head_dim)} "
+                f"does not match the graph's {(self.n_layer, self.n_head, self.head_dim)}")
+        if pool.dtype != self.kv_dtype:
+            raise ValueError(f"pool dtype {pool.dtype} does not match the graph's KV dtype {self.kv_dtype}")
+        if not isinstance(slot_start, (int, np.integer)) or slot_start < 0 or slot_start + B > pool.max_sequences:
+            raise ValueError(f"slots [slot_start, slot_start + batch) = [{slot_start}, {slot_start} + {B}) "
+                             f"must lie in [0, {pool.max_sequences})")
+        if past.shape != (B,):
+            raise ValueError(f"past_lengths must have shape (batch,) = ({B},), got {past.shape}")
+        limit = min(pool.max_length, self.n_positions or pool.max_length)
+        if past.min() < 0 or int(past.max()) + T > limit:
+            raise ValueError(f"past_lengths + new tokens must be in [{T}, {limit}] (the pool's "
+                             f"max_length, the model's n_positions), got past_lengths {past.tolist()} + {T}")
+        if T > 1 and B > 1 and past.any():
+            raise ValueError(f"a step of {B} rows x {T} tokens needs all past lengths 0 (first "
+                             f"prompts); prompts after a past run one row per call, got {past.tolist()}")
+        return B, T
+
+    def _logits_out(self, B: int, out: Optional[np.ndarray]) -> np.ndarray:
+        if out is not None:
+            if out.shape != (B, self.vocab_size) or out.dtype != self.logits_dtype or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous {self.logits_dtype} array of shape "
+                                 f"({B}, {self.vocab_size}), got {out.dtype} {out.shape}")
+            return out
+        if self._logits is None or self._logits.shape[0] < B:
+            self._logits = np.empty((B, self.vocab_size), self.logits_dtype)
+        return self._logits[:B]
+
+    # ------------------------------------------------------------------ any graph
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Plain `session.run` by name (the dynamic graph, validation): every output, as numpy."""
+        unknown = sorted(set(feeds) - set(self.input_names))
+        if unknown:
+            raise ValueError(f"unknown inputs {unknown}; the graph takes {self.input_names}")
+        outputs = self.session.run(None, dict(feeds))
+        return dict(zip(self.output_names, outputs))
+
+    def empty_past(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Zero-length past feeds for the dynamic graph: (B, nh, 0, hs) per layer."""
+        shape = (batch_size, self.n_head, 0, self.head_dim)
+        return {name: np.zeros(shape, self.kv_dtype)
+                for i in range(self.n_layer) for name in (tensors.past_key(i), tensors.past_value(i))}
+
+
+# Engine files by suffix: ONNX Runtime for .onnx, TensorRT (serving/runtime_trt.py, GPU) for plans.
+TENSORRT_SUFFIXES = (".plan", ".engine")
+
+
+def load_runtime(path: str | os.PathLike, **kwargs):
+    """The runtime for an engine file: `OrtRuntime` for `.onnx`, `TrtRuntime` for a TensorRT
+    `.plan` / `.engine` (imported only then: tensorrt and cuda-python are GPU-only). Both have
+    the same `step()`, `new_pool()` and graph facts (n_layer, kv_dtype, vocab_size, ...)."""
+    suffix = Path(path).suffix
+    if suffix == ".onnx":
+        return OrtRuntime(path, **kwargs)
+    if suffix in TENSORRT_SUFFIXES:
+        from serving.runtime_trt import TrtRuntime
+
+        return TrtRuntime(path, **kwargs)
+    raise ValueError(f"engine file {path}: unknown suffix {suffix!r}; expected .onnx or one of {TENSORRT_SUFFIXES}")
