@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 TRITON_BASE_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 # The image docker/Dockerfile builds: the base plus this project's python-backend runtime.
 DOCKER_IMAGE = "gptpipe-triton:0.1.0"
+# docker/Dockerfile.tensorrt: Triton 24.11 (TensorRT 10.6) + gptpipe's TensorRT runtime, for
+# repositories whose gpt model is a TensorRT engine (an engine runs only on the TensorRT that built it).
+TENSORRT_DOCKER_IMAGE = "gptpipe-triton-trt:0.1.0"
+TENSORRT_ENGINE_SUFFIXES = (".plan", ".engine")
 CONTAINER_REPOSITORY = "/models"
 # Ports inside the container are Triton's defaults; the host side is configurable.
 CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -63,11 +67,13 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 STUB_NAME = "triton_python_backend_stub"
 
 # Options every launch gets: load the whole repository at start-up, say "ready" only when
-# every model is, and exit (rather than serve half a repository) when a model fails.
+# every model is, and exit (rather than serve half a repository) when a model fails. On stop,
+# in-flight requests get a few seconds; open sequences (idle between steps) must not hold it up.
 STARTUP_ARGS = (
     "--model-control-mode=none",
     "--strict-readiness=true",
     "--exit-on-error=true",
+    "--exit-timeout-secs=5",
 )
 # Without a GPU these only produce CUDA errors/warnings at start-up (pinned memory needs the
 # CUDA driver, GPU metrics need NVML/DCGM); the python backend does not use them on CPU.
@@ -307,6 +313,14 @@ def _host_port(host: str, port: int) -> str:
 
 
 # --- Docker -------------------------------------------------------------------------
+
+def docker_image_for(repository: Path | str) -> str:
+    """The TensorRT image when the repository's `gpt` model holds a TensorRT engine
+    (``gpt/<version>/*.plan``), else the default image."""
+    gpt = Path(repository) / "gpt"
+    engines = [p for p in gpt.glob("*/*") if p.suffix in TENSORRT_ENGINE_SUFFIXES and p.is_file()]
+    return TENSORRT_DOCKER_IMAGE if engines else DOCKER_IMAGE
+
 
 def docker_command(
     repository: Path | str,

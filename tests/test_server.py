@@ -213,7 +213,7 @@ def test_docker_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         "-v", f"{tmp_path.resolve() / 'repo'}:/models:ro",
         DOCKER_IMAGE,
         "tritonserver", "--model-repository=/models",
-        "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+        "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=5",
     ]
     ipv6 = docker_command("repo", image="x:1", host="::1")
     assert {"[::1]:8000:8000", "[::1]:8001:8001", "[::1]:8002:8002", "x:1"} <= set(ipv6)

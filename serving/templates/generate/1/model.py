@@ -1,0 +1,228 @@
+"""Triton python backend: `generate`, the decoupled server-side generation loop.
+
+Text (`text_input`) or ids (`input_ids`) in; tokens out, one response per token when
+`stream` is true, else one final response. The loop is serving.generation's, the same one
+the client runs: each step is a BLS call into the stateful `gpt` model under a correlation
+id of its own, so server-side generations share `gpt`'s engine, KV pool and batching with
+client-side ones. Every request runs in a worker thread (execute returns at once), so many
+generations step concurrently and the sequence batcher batches their steps.
+"""
+
+import json
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from serving import tensors
+from serving.generation import (
+    Generation,
+    GptpipeError,
+    InvalidParameterError,
+    check_stop,
+    generate_tokens,
+    make_sampling_params,
+)
+from serving.tokenizer import Tokenizer
+
+logger = logging.getLogger("gptpipe.triton.generate")
+
+# Defaults for fields a request leaves out (the HTTP generate extension sends only what
+# the JSON body has): OpenAI's completions defaults.
+DEFAULT_MAX_TOKENS = 16
+# Generations running at once; more wait in the queue (the KV pool bounds them anyway).
+MAX_WORKERS = 64
+# A START that `gpt` refuses as "server busy" (every KV slot taken) is retried this long, so
+# a burst of generate requests queues instead of failing.
+QUEUE_TIMEOUT_S = 30.0
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+        tokenizer_dir = Path(args["model_repository"]).parent / tensors.TOKENIZER_MODEL / "1"
+        self.tokenizer = Tokenizer.from_file(tokenizer_dir / "tokenizer.json")
+        defaults = json.loads((tokenizer_dir / "generation_config.json").read_text(encoding="utf-8"))
+        self.eos_token_id = defaults.get("eos_token_id")
+        self.n_positions = int(defaults["n_positions"])
+        self.vocab_size = int(defaults["vocab_size"])
+        self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="generate")
+        logger.info("generate: n_positions=%d vocab_size=%d eos=%s", self.n_positions, self.vocab_size,
+                    self.eos_token_id)
+
+    def execute(self, requests):
+        for request in requests:
+            self.pool.submit(self._serve, request)
+        return None
+
+    def finalize(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ one request
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            self._generate(request, sender)
+        except _Cancelled:
+            logger.info("generate: request %r cancelled by the client", request.request_id())
+            try:
+                sender.send(flags=_FINAL)
+            except Exception:  # noqa: BLE001 - the client is gone; nothing to tell it
+                pass
+        except GptpipeError as e:  # bad parameters, server busy, prompt too long ...
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=_FINAL)
+        except Exception as e:  # noqa: BLE001 - whatever it was, the client gets the message
+            logger.exception("generate failed")
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generate failed: {e}")),
+                        flags=_FINAL)
+
+    def _generate(self, request, sender):
+        stream = bool(_scalar(request, "stream", False))
+        generation = self._parse(request)
+        return_logprobs = generation.return_logprobs
+        step = _BlsStep(correlation_id=secrets.randbits(63) + 1)  # 0 means "no sequence"
+        ids, logprobs, text = [], [], []
+        events = generate_tokens(step, generation)
+        try:
+            for event in events:
+                if _cancelled(sender, request):
+                    raise _Cancelled()
+                if stream:
+                    response = _response(event.text, [event.token_id],
+                                         [event.logprob] if return_logprobs else None,
+                                         event.finish_reason or "")
+                    sender.send(response, flags=_FINAL if event.finish_reason else 0)
+                else:
+                    ids.append(event.token_id)
+                    logprobs.append(event.logprob)
+                    text.append(event.text)
+        finally:
+            events.close()  # sends END if the loop did not finish (cancel, error)
+        if not stream:
+            sender.send(_response("".join(text), ids, logprobs if return_logprobs else None,
+                                  generation.finish_reason), flags=_FINAL)
+
+    def _parse(self, request):
+        """A Generation from the request's tensors; InvalidParameterError for bad fields."""
+        text = _scalar(request, "text_input", None)
+        input_ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if text is not None and input_ids is not None:
+            raise InvalidParameterError("invalid parameter: give text_input or input_ids, not both")
+        if input_ids is not None:
+            prompt_ids = input_ids.as_numpy().reshape(-1).tolist()
+        elif text is not None:
+            try:
+                prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            except UnicodeDecodeError:
+                raise InvalidParameterError("invalid parameter: text_input is not valid UTF-8") from None
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            raise InvalidParameterError("invalid parameter: the request needs text_input (a prompt) or input_ids")
+        stop_tensor = pb_utils.get_input_tensor_by_name(request, "stop_words")
+        stop = [] if stop_tensor is None else [s.decode("utf-8") if isinstance(s, bytes) else str(s)
+                                               for s in stop_tensor.as_numpy().reshape(-1)]
+        end_id = _scalar(request, "end_id", None)
+        eos = self.eos_token_id if end_id is None else (None if int(end_id) < 0 else int(end_id))
+        seed = _scalar(request, "random_seed", None)
+        try:
+            params = make_sampling_params(
+                temperature=float(_scalar(request, "temperature", 1.0)),
+                top_k=int(_scalar(request, "top_k", 0)),
+                top_p=float(_scalar(request, "top_p", 1.0)),
+                repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
+                seed=None if seed is None else int(seed),
+            )
+            return Generation(
+                prompt_ids,
+                max_new_tokens=int(_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS)),
+                max_new_tokens_field="max_tokens",
+                params=params,
+                n_positions=self.n_positions,
+                vocab_size=self.vocab_size,
+                eos_token_id=eos,
+                stop=check_stop(stop, field_name="stop_words"),
+                tokenizer=self.tokenizer,
+                return_logprobs=bool(_scalar(request, "return_log_probs", False)),
+            )
+        except InvalidParameterError as e:
+            msg = str(e)
+            raise type(e)(msg if msg.startswith("prompt too long") else f"invalid parameter: {msg}") from None
+
+
+class _BlsStep:
+    """step(tokens, start=, end=) -> logits (V,) through a BLS call into `gpt`."""
+
+    def __init__(self, *, correlation_id):
+        self.correlation_id = correlation_id
+
+    def __call__(self, tokens, *, start, end):
+        flags = 0
+        if start:
+            flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+        if end:
+            flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        ids = np.asarray(tokens, dtype=np.int64)[None, :]  # (1, T)
+        request = pb_utils.InferenceRequest(
+            model_name=tensors.GPT_MODEL,
+            inputs=[pb_utils.Tensor(tensors.INPUT_IDS, ids)],
+            requested_output_names=[tensors.LOGITS],
+            correlation_id=self.correlation_id,
+            flags=flags,
+        )
+        deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
+        while True:
+            response = request.exec()
+            if not response.has_error():
+                return pb_utils.get_output_tensor_by_name(response, tensors.LOGITS).as_numpy()[0]  # (V,)
+            message = response.error().message()
+            busy = message.startswith("server busy")
+            if busy and start and time.monotonic() + delay < deadline:
+                time.sleep(delay)  # wait for a slot: another sequence ends soon
+                delay = min(2 * delay, 0.2)
+                continue
+            if busy or message.startswith("prompt too long"):
+                raise _StepRefused(message)
+            raise RuntimeError(message)
+
+
+class _StepRefused(GptpipeError):
+    """`gpt` refused a step with a message the client can act on; passed on as is."""
+
+
+def _scalar(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    array = tensor.as_numpy().reshape(-1)
+    if array.size != 1:
+        raise InvalidParameterError(f"invalid parameter: {name} must hold one value, got {array.size}")
+    return array[0]
+
+
+def _cancelled(sender, request):
+    for obj in (sender, request):
+        is_cancelled = getattr(obj, "is_cancelled", None)
+        if is_cancelled is not None and is_cancelled():
+            return True
+    return False
+
+
+def _response(text, ids, logprobs, finish_reason):
+    outputs = [
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
+        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+    ]
+    if logprobs is not None:
+        outputs.append(pb_utils.Tensor("output_log_probs", np.asarray(logprobs, dtype=np.float32)))
+    return pb_utils.InferenceResponse(output_tensors=outputs)

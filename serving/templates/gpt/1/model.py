@@ -1,0 +1,119 @@
+"""Triton python backend: the stateful `gpt` step model.
+
+Triton's sequence batcher hands `execute` the steps of many sequences at once (START/END/CORRID
+control inputs per request); the scheduler runs them through one ONNX Runtime engine and one
+preallocated KV pool. The pool's use is exported as custom metrics on Triton's metrics port.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from serving import tensors
+from serving.kv_cache import KVPool
+from serving.runtime import load_runtime
+from serving.scheduler import Scheduler, StepRequest
+
+logger = logging.getLogger("gptpipe.triton.gpt")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        model_config = json.loads(params["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        threads = int(params.get("intra_op_threads") or 0) or None
+        self.runtime = load_runtime(version_dir / params["engine_file"], intra_op_threads=threads)
+        self.pool = KVPool(
+            n_layer=model_config["n_layer"],
+            n_head=model_config["n_head"],
+            head_dim=model_config["n_embd"] // model_config["n_head"],
+            max_sequences=int(params["max_sequences"]),
+            max_length=model_config["n_positions"],
+            dtype=self.runtime.kv_dtype,
+        )
+        idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds") or 1_000_000)
+        self.scheduler = Scheduler(self.runtime, self.pool, vocab_size=model_config["vocab_size"],
+                                   idle_timeout_s=idle_us / 1e6)
+        self._init_metrics(config["name"])
+        logger.info("gpt: %d slots x %d positions, KV pool %.1f MiB", self.pool.max_sequences,
+                    self.pool.max_length, self.pool.nbytes / 2**20)
+
+    def execute(self, requests):
+        steps = [self._parse(request) for request in requests]
+        valid = [s for s in steps if not isinstance(s, str)]
+        results = iter(self.scheduler.step(valid))
+        responses = []
+        for step in steps:
+            result = None if isinstance(step, str) else next(results)
+            error = step if isinstance(step, str) else result.error
+            if error is not None:
+                code = (pb_utils.TritonError.UNAVAILABLE if error.startswith("server busy")
+                        else pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error, code)))
+            else:
+                logits = pb_utils.Tensor(tensors.LOGITS, result.logits[None, :])  # (1, V)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[logits]))
+        self._update_metrics(len(requests))
+        return responses
+
+    @staticmethod
+    def _parse(request):
+        """A StepRequest, or an error message for a request that cannot be one."""
+        def scalar(name):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+
+        ids = pb_utils.get_input_tensor_by_name(request, tensors.INPUT_IDS).as_numpy()
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            return f"input_ids must have shape [1, tokens] (one sequence per request), got {list(ids.shape)}"
+        return StepRequest(
+            sequence_id=int(scalar(tensors.CONTROL_CORRID)),
+            tokens=ids[0].astype(np.int64, copy=False),
+            start=bool(scalar(tensors.CONTROL_START)),
+            end=bool(scalar(tensors.CONTROL_END)),
+        )
+
+    def _init_metrics(self, model_name):
+        labels = {"model": model_name}
+        self._families = []  # a MetricFamily must outlive its Metric objects
+
+        def metric(kind, name, doc):
+            family = pb_utils.MetricFamily(name=name, description=doc, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=labels)
+
+        def gauge(name, doc):
+            return metric(pb_utils.MetricFamily.GAUGE, name, doc)
+
+        def counter(name, doc):
+            return metric(pb_utils.MetricFamily.COUNTER, name, doc)
+
+        self._m_active = gauge("gptpipe_kv_active_sequences", "Sequences holding a KV-pool slot")
+        self._m_free = gauge("gptpipe_kv_free_slots", "Free KV-pool slots")
+        self._m_max_rows = gauge("gptpipe_max_rows_per_call", "Most real rows in one runtime call")
+        self._m_requests = counter("gptpipe_step_requests_total", "Step requests received")
+        self._m_calls = counter("gptpipe_runtime_calls_total", "Runtime (ONNX Runtime) calls")
+        self._m_batched = counter("gptpipe_batched_rows_total", "Rows run in multi-row decode calls")
+        self._m_busy = counter("gptpipe_busy_rejections_total", "STARTs refused: pool full")
+        self._m_idle = counter("gptpipe_idled_out_total", "Sequences freed by the idle timeout")
+        self._last = dict(calls=0, batched=0, busy=0, idle=0)
+        self._m_free.set(self.pool.max_sequences)
+
+    def _update_metrics(self, n_requests):
+        s = self.scheduler.stats
+        self._m_active.set(self.scheduler.active)
+        self._m_free.set(self.scheduler.free_slots)
+        self._m_max_rows.set(s.max_rows_in_call)
+        self._m_requests.increment(n_requests)
+        now = dict(calls=s.runtime_calls, batched=s.batched_rows, busy=s.busy_rejections,
+                   idle=s.sequences_idled_out)
+        for key, metric in (("calls", self._m_calls), ("batched", self._m_batched),
+                            ("busy", self._m_busy), ("idle", self._m_idle)):
+            if now[key] > self._last[key]:
+                metric.increment(now[key] - self._last[key])
+        self._last = now
