@@ -1,0 +1,344 @@
+"""The one generation loop, shared by the client-side loop and the server-side `generate` model.
+
+A generation is a sans-IO state machine (:class:`Generation`): it says which step to send
+(the whole prompt with START, then one token at a time), takes the logits that come back,
+samples with :mod:`serving.sampling`, detokenizes with :class:`serving.tokenizer.TextStream`
+and decides when to stop. Two thin drivers run it: :func:`generate_tokens` (blocking
+``step`` calls: the client over gRPC/HTTP, the `generate` model over BLS, tests in process)
+and :func:`agenerate_tokens` (``await step(...)``: the asyncio client). Argument validation
+lives here too, once, for the client, the `generate` model and the CLI.
+
+The END of a sequence (what frees its KV slot on the server) is always sent:
+
+* when the length limit is what ends the generation, END rides on the last step that is
+  needed anyway (the one whose logits give the last token): no extra request;
+* when eos or a stop string ends it, or an error, a KeyboardInterrupt or a closed stream
+  iterator does, the driver sends one END step with the last token (a step the sequence
+  still has room for) and ignores its answer. Triton's sequence batcher holds a slot per
+  correlation id until END too, so END follows even a START the server refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+
+from serving.sampling import Sampler, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GptpipeError", "InvalidParameterError", "PromptTooLongError", "ServerBusyError",
+    "ServerUnavailableError", "ServerError",
+    "FinishReason", "Step", "TokenEvent", "Timings", "GenerationResult", "Generation",
+    "check_max_new_tokens", "check_prompt_ids", "check_stop", "make_sampling_params",
+    "generate_tokens", "agenerate_tokens", "collect",
+]
+
+FinishReason = Literal["length", "stop", "eos"]
+FINISH_REASONS: tuple[str, ...] = ("length", "stop", "eos")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class GptpipeError(Exception):
+    """Base of every error gptpipe raises on purpose."""
+
+
+class InvalidParameterError(GptpipeError, ValueError):
+    """A generation argument is out of range; the message names the field and the limit."""
+
+
+class PromptTooLongError(InvalidParameterError):
+    """prompt + max_new_tokens does not fit in the model's context (n_positions)."""
+
+
+class ServerBusyError(GptpipeError):
+    """Every KV-cache slot of the server is taken ("server busy: ...")."""
+
+
+class ServerUnavailableError(GptpipeError):
+    """The server cannot be reached, or went away during a generation."""
+
+
+class ServerError(GptpipeError):
+    """Any other error the server reported; carries the server's message."""
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_max_new_tokens(max_new_tokens: object, *, field_name: str = "max_new_tokens") -> int:
+    if not _is_int(max_new_tokens) or int(max_new_tokens) < 1:  # type: ignore[call-overload]
+        raise InvalidParameterError(f"{field_name} must be an int >= 1, got {max_new_tokens!r}")
+    return int(max_new_tokens)  # type: ignore[call-overload]
+
+
+def check_prompt_ids(
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    n_positions: int,
+    vocab_size: Optional[int] = None,
+    field_name: str = "max_new_tokens",
+) -> list[int]:
+    """The prompt as a list of ints; raises unless it is non-empty, in the vocabulary and
+    leaves room for max_new_tokens in the context. Nothing is truncated."""
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise InvalidParameterError("prompt is empty: it needs at least one token")
+    if vocab_size is not None:
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= vocab_size:
+            raise InvalidParameterError(
+                f"prompt token ids must be in [0, {vocab_size}) (vocab size), got values in [{lo}, {hi}]")
+    if len(ids) + max_new_tokens > n_positions:
+        raise PromptTooLongError(
+            f"prompt too long: {len(ids)} prompt tokens + {field_name}={max_new_tokens} = "
+            f"{len(ids) + max_new_tokens} exceeds the context length n_positions={n_positions}")
+    return ids
+
+
+def check_stop(stop: str | Iterable[str] | None, *, field_name: str = "stop") -> tuple[str, ...]:
+    """Stop strings as a tuple; one string is one stop string; each must be non-empty."""
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise InvalidParameterError(f"{field_name}[{i}] must be a non-empty string, got {s!r}")
+    return stops
+
+
+def make_sampling_params(
+    *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    repetition_penalty: float = 1.0, seed: Optional[int] = None,
+) -> SamplingParams:
+    """SamplingParams, with its ValueError turned into InvalidParameterError."""
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    except ValueError as e:
+        raise InvalidParameterError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Step:
+    """One request to the step model: tokens to append, and the sequence flags."""
+
+    tokens: tuple[int, ...]
+    start: bool = False
+    end: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. ``text`` is the text it makes visible (may be "" while a UTF-8
+    character or a possible stop string is incomplete; the last event carries the rest).
+    ``latency_s``: seconds from sending the step to this token being sampled (for the first
+    token: from sending START), not counting time the consumer held the stream."""
+
+    token_id: int
+    text: str
+    logprob: Optional[float] = None
+    finish_reason: Optional[FinishReason] = None
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_s: float  # time to first token
+    itl_s: tuple[float, ...] = ()  # inter-token latencies, one per token after the first
+
+    @property
+    def total_s(self) -> float:
+        return self.ttft_s + sum(self.itl_s)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """text: the generated text (stop string and eos cut); token_ids: every generated id,
+    including the eos or the tokens that completed a stop string."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: Optional[list[float]] = None
+    timings: Timings = field(default_factory=lambda: Timings(0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timings"]["itl_s"] = list(self.timings.itl_s)
+        return d
+
+
+def collect(events: Iterable[TokenEvent], *, return_logprobs: bool = False) -> GenerationResult:
+    """Drain a stream of events into one GenerationResult."""
+    text, ids, logprobs, latencies = [], [], [], []
+    finish: Optional[FinishReason] = None
+    for event in events:
+        text.append(event.text)
+        ids.append(event.token_id)
+        latencies.append(event.latency_s)
+        if event.logprob is not None:
+            logprobs.append(event.logprob)
+        finish = event.finish_reason or finish
+    if finish is None:
+        raise GptpipeError("the generation ended without a finish reason (stream cut short?)")
+    timings = Timings(latencies[0], tuple(latencies[1:])) if latencies else Timings(0.0)
+    return GenerationResult("".join(text), ids, finish, logprobs if return_logprobs else None, timings)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+class Generation:
+    """The sans-IO state of one generation. ``first_step()``, then ``advance(logits)`` with
+    each step's logits until it returns no next step. Raises InvalidParameterError at
+    construction for bad arguments (before anything is sent)."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        params: SamplingParams,
+        n_positions: int,
+        eos_token_id: Optional[int] = None,
+        stop: str | Iterable[str] | None = (),
+        tokenizer: Any = None,
+        return_logprobs: bool = False,
+        vocab_size: Optional[int] = None,
+        max_new_tokens_field: str = "max_new_tokens",
+    ) -> None:
+        self.max_new_tokens = check_max_new_tokens(max_new_tokens, field_name=max_new_tokens_field)
+        if vocab_size is None and tokenizer is not None:
+            vocab_size = tokenizer.vocab_size
+        self.prompt_ids = check_prompt_ids(prompt_ids, max_new_tokens=self.max_new_tokens,
+                                           n_positions=n_positions, vocab_size=vocab_size,
+                                           field_name=max_new_tokens_field)
+        self.stop = check_stop(stop)
+        if self.stop and tokenizer is None:
+            raise InvalidParameterError("stop strings need a tokenizer to find them in the text")
+        params.validate()
+        self.eos_token_id = eos_token_id
+        self.return_logprobs = return_logprobs
+        self.sampler = Sampler(params)
+        self._text = None
+        if tokenizer is not None:
+            from serving.tokenizer import TextStream  # tokenizers is heavy; only when text is wanted
+
+            self._text = TextStream(tokenizer, self.stop, prompt_ids=self.prompt_ids)
+        self._history = np.array(self.prompt_ids + [0] * self.max_new_tokens, dtype=np.int64)
+        self.generated: list[int] = []
+        self.finish_reason: Optional[FinishReason] = None
+
+    @property
+    def seed(self) -> int:
+        return self.sampler.seed
+
+    @property
+    def last_token(self) -> int:
+        """The newest token the sequence knows of: what an END-only step sends."""
+        return self.generated[-1] if self.generated else self.prompt_ids[-1]
+
+    def first_step(self) -> Step:
+        # with max_new_tokens == 1 the prompt's logits give the only token: END right away
+        return Step(tuple(self.prompt_ids), start=True, end=self.max_new_tokens == 1)
+
+    def release_step(self) -> Step:
+        """END for a sequence that ended early: the last sampled token fits in the context
+        (prompt + generated <= prompt + max_new_tokens <= n_positions)."""
+        return Step((self.last_token,), end=True)
+
+    def advance(self, logits: np.ndarray, *, sent_at: float) -> tuple[TokenEvent, Optional[Step]]:
+        """Sample the next token from the step's logits (V,) or (1, V)."""
+        if self.finish_reason is not None:
+            raise RuntimeError("advance() after the generation finished")
+        n_prompt, n = len(self.prompt_ids), len(self.generated)
+        token, logprob = self.sampler.sample(np.asarray(logits).reshape(-1), self._history[: n_prompt + n])
+        self.generated.append(token)
+        self._history[n_prompt + n] = token
+        n += 1
+        finish: Optional[FinishReason] = None
+        if token == self.eos_token_id:
+            finish = "eos"  # the eos token's own text is not shown
+            delta = self._text.flush() if self._text else ""
+        else:
+            delta, stopped = self._text.push(token) if self._text else ("", False)
+            if stopped:
+                finish = "stop"
+            elif n == self.max_new_tokens:
+                finish = "length"
+                if self._text:
+                    delta += self._text.flush()
+        self.finish_reason = finish
+        event = TokenEvent(token, delta, logprob if self.return_logprobs else None, finish,
+                           time.perf_counter() - sent_at)
+        if finish is not None:
+            return event, None
+        # the step whose logits give the last token also ends the sequence
+        return event, Step((token,), end=n + 1 == self.max_new_tokens)
+
+
+StepFn = Callable[..., np.ndarray]  # step(tokens: Sequence[int], *, start: bool, end: bool) -> logits
+AsyncStepFn = Callable[..., Awaitable[np.ndarray]]
+
+
+def generate_tokens(step: StepFn, generation: Generation) -> Iterator[TokenEvent]:
+    """Run a generation with a blocking ``step(tokens, start=, end=) -> logits``.
+
+    END is sent on every way out (see the module docstring); an END-only step's result
+    and errors are ignored (logged): the first error is the one the caller sees.
+    """
+    pending: Optional[Step] = generation.first_step()
+    end_sent = False
+    try:
+        while pending is not None:
+            sent_at = time.perf_counter()
+            end_sent = end_sent or pending.end  # once sent with END, the server frees the slot
+            logits = step(pending.tokens, start=pending.start, end=pending.end)
+            event, pending = generation.advance(logits, sent_at=sent_at)
+            yield event
+    finally:
+        if not end_sent:
+            release = generation.release_step()
+            try:
+                step(release.tokens, start=False, end=True)
+            except BaseException as e:  # noqa: BLE001 - cleanup must not mask the real error
+                logger.debug("END step for a finished sequence failed (ignored): %s", e)
+
+
+async def agenerate_tokens(step: AsyncStepFn, generation: Generation) -> AsyncIterator[TokenEvent]:
+    """:func:`generate_tokens` with an awaitable ``step``."""
+    pending: Optional[Step] = generation.first_step()
+    end_sent = False
+    try:
+        while pending is not None:
+            sent_at = time.perf_counter()
+            end_sent = end_sent or pending.end
+            logits = await step(pending.tokens, start=pending.start, end=pending.end)
+            event, pending = generation.advance(logits, sent_at=sent_at)
+            yield event
+    finally:
+        if not end_sent:
+            release = generation.release_step()
+            try:
+                await step(release.tokens, start=False, end=True)
+            except BaseException as e:  # noqa: BLE001
+                logger.debug("END step for a finished sequence failed (ignored): %s", e)
+
