@@ -15,10 +15,12 @@ import typer
 
 from serving.server import (
     DOCKER_IMAGE,
+    TENSORRT_DOCKER_IMAGE,
     TritonServer,
     TritonServerError,
     check_repository,
     docker_command,
+    docker_image_for,
 )
 
 RepositoryOption = Annotated[
@@ -34,7 +36,8 @@ MetricsPortOption = Annotated[
 ]
 DockerOption = Annotated[
     bool,
-    typer.Option("--docker", help=f"Run the {DOCKER_IMAGE} image (GPU, all backends) instead of the local binary."),
+    typer.Option("--docker", help=f"Run the {DOCKER_IMAGE} image (GPU, all backends) instead of the local binary; "
+                 f"{TENSORRT_DOCKER_IMAGE} when gpt/1/ holds a TensorRT .plan."),
 ]
 DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="With --docker: print the docker command, run nothing.")
@@ -73,7 +76,8 @@ def serve(
 
     ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
     if docker:
-        _serve_docker(docker_command(repository, host=host, **ports), dry_run=dry_run)
+        image = docker_image_for(repository)
+        _serve_docker(docker_command(repository, image=image, host=host, **ports), dry_run=dry_run)
     else:
         _serve_local(TritonServer(repository, host=host, **ports))
 
