@@ -120,3 +120,59 @@ def kv_pairs(n_layer: int) -> list[tuple[str, str]]:
     return [(past_key(i), present_key(i)) for i in range(n_layer)] + [
         (past_value(i), present_value(i)) for i in range(n_layer)
     ]
+
+
+# ---------------------------------------------------------------- the Triton models
+# config.pbtxt dims exclude the batch dimension (max_batch_size > 0 adds it); "vocab_size" is
+# filled in at export time from the model config.
+
+VOCAB = "vocab_size"
+
+# Triton's sequence-batcher controls of the stateful `gpt` model (filled by Triton from the
+# client's sequence_id / sequence_start / sequence_end request fields).
+CONTROL_START = "START"
+CONTROL_END = "END"
+CONTROL_CORRID = "CORRID"
+
+# `gpt`: one step of one sequence; the KV cache stays on the server, keyed by the correlation id.
+GPT_MODEL = "gpt"
+GPT_INPUTS = [
+    TensorSpec(INPUT_IDS, "int64", (SEQ,), doc="the whole prompt at START, then the new token(s)"),
+]
+GPT_OUTPUTS = [
+    TensorSpec(LOGITS, "float32", (VOCAB,), doc="logits of the last position"),
+]
+
+# `generate`: decoupled, streaming, the server-side loop. Names as tensorrtllm_backend's
+# ensemble/tensorrt_llm_bls models name them where they mean the same thing.
+GENERATE_MODEL = "generate"
+GENERATE_INPUTS = [
+    TensorSpec("text_input", "bytes", (1,), optional=True, doc="the prompt as text"),
+    TensorSpec(INPUT_IDS, "int64", (-1,), optional=True, doc="the prompt as token ids"),
+    TensorSpec("max_tokens", "int32", (1,), optional=True, doc="new tokens at most (>= 1)"),
+    TensorSpec("temperature", "float32", (1,), optional=True, doc="0 = greedy"),
+    TensorSpec("top_k", "int32", (1,), optional=True, doc="0 = off"),
+    TensorSpec("top_p", "float32", (1,), optional=True, doc="in (0, 1]"),
+    TensorSpec("repetition_penalty", "float32", (1,), optional=True, doc="> 0; 1 = off"),
+    TensorSpec("random_seed", "uint64", (1,), optional=True, doc="seed of the sampler"),
+    TensorSpec("stop_words", "bytes", (-1,), optional=True, doc="stop strings, cut from the text"),
+    TensorSpec("end_id", "int32", (1,), optional=True, doc="end-of-sequence token id; -1 = none"),
+    TensorSpec("stream", "bool", (1,), optional=True, doc="one response per token"),
+    TensorSpec("return_log_probs", "bool", (1,), optional=True, doc="add output_log_probs"),
+]
+GENERATE_OUTPUTS = [
+    TensorSpec("text_output", "bytes", (1,), doc="the text (streaming: this response's delta)"),
+    TensorSpec("output_ids", "int64", (-1,), doc="the new token ids (streaming: this response's)"),
+    TensorSpec("finish_reason", "bytes", (1,), doc='"length" | "stop" | "eos" | "" while streaming'),
+    TensorSpec("output_log_probs", "float32", (-1,), doc="log-probs of output_ids, when asked"),
+]
+
+# `tokenizer`: what a remote client needs besides a URL.
+TOKENIZER_MODEL = "tokenizer"
+TOKENIZER_INPUTS = [
+    TensorSpec("request", "bool", (1,), optional=True, doc="ignored; Triton models need an input"),
+]
+TOKENIZER_OUTPUTS = [
+    TensorSpec("tokenizer_json", "bytes", (1,), doc="the tokenizers-library tokenizer.json"),
+    TensorSpec("generation_config", "bytes", (1,), doc="JSON: eos_token_id, n_positions, vocab_size, ..."),
+]
