@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml scripts/constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/gptpipe demo
+	$(BIN)/python scripts/demo.py
 
 test: install
 	$(BIN)/pytest
