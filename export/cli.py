@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -136,12 +137,15 @@ def export_model(
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # the exporter's own chatter (torchvision ops it skips, deprecations)
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         _export(model=model, precision=precision, output=output, max_batch_size=max_batch_size,
                 opset=opset, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
                 idle_timeout_s=idle_timeout_s)
     except (ExportFailed, ValidationError, RepositoryError, ValueError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
