@@ -8,9 +8,10 @@ OrtRuntime and a KVPool, as the server does:
   .venv/bin/python scripts/bench_kv.py --precisions fp32 --baseline   # + the plain concat export
   .venv/bin/python scripts/bench_kv.py --preset tiny --steps 10       # a quick smoke run
 
-ITL is the median over --steps single-token steps starting at each context (a real prefill gets
-there). The baseline is the dynamic (past ++ new) graph stepped with session.run. Numbers on a
-shared machine are noisy: compare ratios measured in one run.
+ITL is the median (and 10th percentile) over --steps single-token steps around each context (a
+real prefill gets there); every case steps once per round, interleaved, so that load from other
+processes hits all cases alike. The baseline is the dynamic (past ++ new) graph stepped with
+session.run. Numbers on a shared machine are noisy: compare ratios measured in one run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +62,39 @@ def median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
+def p10_ms(times: list[float]) -> float:
+    """The 10th percentile: on a shared machine, closer to the uncontended time than the median."""
+    return 1e3 * float(np.percentile(times, 10))
+
+
+class Timer:
+    """Wall and process-CPU time of each timed call."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+
+    def __enter__(self) -> "Timer":
+        self._t, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.times.append(time.perf_counter() - self._t)
+        self.cpu.append(time.process_time() - self._c)
+
+
 WARMUP = 3
 
 
+PAIR = 2  # steps per case per round: the first warms the caches with this case's weights, untimed
+
+
 def window_start(rt: OrtRuntime, ctx: int, steps: int) -> int:
-    """Where the timed steps start: centred on ctx, ending inside the context length."""
-    start = ctx - (WARMUP + steps) // 2
-    limit = rt.n_positions or ctx + WARMUP + steps
-    return max(1, min(start, limit - WARMUP - steps))
+    """Where the steps start: centred on ctx, ending inside the context length."""
+    n = PAIR * (WARMUP + steps)
+    start = ctx - n // 2
+    limit = rt.n_positions or ctx + n
+    return max(1, min(start, limit - n))
 
 
 class StaticCase:
@@ -75,18 +102,17 @@ class StaticCase:
 
     def __init__(self, rt: OrtRuntime, *, start: int, batch: int, steps: int, rng) -> None:
         self.rt, self.start, self.batch, self.rng = rt, start, batch, rng
-        self.pool = rt.new_pool(max_sequences=batch, max_length=start + WARMUP + steps)
+        self.pool = rt.new_pool(max_sequences=batch, max_length=start + PAIR * (WARMUP + steps))
         t0 = time.perf_counter()
         for slot in range(batch):  # prompts run one per call, as the scheduler runs them
             rt.step(rng.integers(0, rt.vocab_size, (1, start)), pool=self.pool, slot_start=slot, past_lengths=[0])
         self.prefill_ms = 1e3 * (time.perf_counter() - t0) / batch
-        self.i, self.times = 0, []
+        self.i, self.timer = 0, Timer()
 
-    def step(self) -> None:
+    def step(self, *, timed: bool = True) -> None:
         tokens = self.rng.integers(0, self.rt.vocab_size, (self.batch, 1))
-        t = time.perf_counter()
-        self.rt.step(tokens, pool=self.pool, slot_start=0, past_lengths=np.full(self.batch, self.start + self.i))
-        self.times.append(time.perf_counter() - t)
+        with self.timer if timed else nullcontext():
+            self.rt.step(tokens, pool=self.pool, slot_start=0, past_lengths=np.full(self.batch, self.start + self.i))
         self.i += 1
 
 
@@ -99,7 +125,7 @@ class DynamicCase:
         feeds = {tensors.INPUT_IDS: ids, tensors.POSITION_IDS: np.arange(start)[None],
                  tensors.ATTENTION_MASK: np.ones((1, start), np.int64), **rt.empty_past(1)}
         self._next(rt.run(feeds))
-        self.times, self.prefill_ms = [], None
+        self.timer, self.prefill_ms, self.batch = Timer(), None, 1
 
     def _next(self, out: dict) -> None:
         self.feeds = {tensors.INPUT_IDS: self.rng.integers(0, self.rt.vocab_size, (1, 1)),
@@ -109,10 +135,9 @@ class DynamicCase:
             self.feeds[tensors.past_key(layer)] = out[tensors.present_key(layer)]
             self.feeds[tensors.past_value(layer)] = out[tensors.present_value(layer)]
 
-    def step(self) -> None:
-        t = time.perf_counter()
-        out = self.rt.run(self.feeds)
-        self.times.append(time.perf_counter() - t)
+    def step(self, *, timed: bool = True) -> None:
+        with self.timer if timed else nullcontext():
+            out = self.rt.run(self.feeds)
         self.n += 1
         self._next(out)
 
@@ -162,33 +187,43 @@ def main() -> None:
             cases[(name, f"b{args.batch}@{lo}")] = StaticCase(rt, start=start, batch=args.batch,
                                                                steps=args.steps, rng=rng)
 
-    # every case steps once per round, so load changes on a shared machine hit all of them alike
-    print(f"timing {len(cases)} cases x {WARMUP + args.steps} interleaved steps ...", flush=True)
+    # every case steps in every round (in a new order each round), so load changes on a shared
+    # machine hit all of them alike; within a round a case runs PAIR steps back to back and only
+    # the last is timed, so that it sees its own weights in the caches, as a serving loop does
+    print(f"timing {len(cases)} cases x {WARMUP + args.steps} interleaved rounds ...", flush=True)
+    order = list(cases.values())
     for _ in range(WARMUP + args.steps):
-        for case in cases.values():
-            case.step()
+        rng.shuffle(order)
+        for case in order:
+            for k in range(PAIR):
+                case.step(timed=k == PAIR - 1)
 
     for (name, label), case in cases.items():
-        itl = median_ms(case.times[WARMUP:])
-        results[name][label] = {"itl_ms": itl, "prefill_ms": case.prefill_ms}
+        wall, cpu = case.timer.times[WARMUP:], case.timer.cpu[WARMUP:]
+        itl = median_ms(wall)
+        results[name][label] = {"itl_ms": itl, "itl_p10_ms": p10_ms(wall), "cpu_ms": median_ms(cpu),
+                                "prefill_ms": case.prefill_ms}
         prefill = f", prefill {case.prefill_ms:.0f} ms" if case.prefill_ms else ""
-        print(f"[{name}] {label}: step {itl:.1f} ms ({1e3 * case.batch / itl if hasattr(case, 'batch') else 1e3 / itl:.1f}"
-              f" tokens/s){prefill}", flush=True)
+        print(f"[{name}] {label}: step median {itl:.1f} ms, p10 {p10_ms(wall):.1f} ms, cpu {median_ms(cpu):.1f} ms "
+              f"({1e3 * case.batch / itl:.1f} tokens/s){prefill}", flush=True)
     print("---", flush=True)
     for kv_cache, precision in graphs:
         name = f"{kv_cache}/{precision}"
         r = results[name]
         r["itl_ratio"] = r[f"b1@{hi}"]["itl_ms"] / r[f"b1@{lo}"]["itl_ms"]
-        print(f"[{name}] ITL context {hi} / context {lo}: {r['itl_ratio']:.2f}", flush=True)
+        r["itl_ratio_p10"] = r[f"b1@{hi}"]["itl_p10_ms"] / r[f"b1@{lo}"]["itl_p10_ms"]
+        print(f"[{name}] ITL context {hi} / context {lo}: {r['itl_ratio']:.2f} (median), "
+              f"{r['itl_ratio_p10']:.2f} (p10)", flush=True)
         if f"b{args.batch}@{lo}" in r:
             r["batch_cost_ratio"] = r[f"b{args.batch}@{lo}"]["itl_ms"] / r[f"b1@{lo}"]["itl_ms"]
             print(f"[{name}] batch {args.batch} step / batch 1 step at context {lo}: {r['batch_cost_ratio']:.2f}"
                   f" ({args.batch / r['batch_cost_ratio']:.1f}x the tokens/s)", flush=True)
     if "static/fp32" in results and "static/int8" in results:
         for ctx in contexts:
-            speedup = results["static/fp32"][f"b1@{ctx}"]["itl_ms"] / results["static/int8"][f"b1@{ctx}"]["itl_ms"]
-            results[f"int8_speedup@{ctx}"] = speedup
-            print(f"int8 / fp32 speed, batch 1, context {ctx}: {speedup:.2f}x", flush=True)
+            fp32, int8 = results["static/fp32"][f"b1@{ctx}"], results["static/int8"][f"b1@{ctx}"]
+            results[f"int8_speedup@{ctx}"] = speedup = fp32["itl_ms"] / int8["itl_ms"]
+            print(f"int8 / fp32 speed, batch 1, context {ctx}: {speedup:.2f}x (median), "
+                  f"{fp32['itl_p10_ms'] / int8['itl_p10_ms']:.2f}x (p10)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
 

@@ -160,6 +160,16 @@ def test_step_rejects_a_pool_of_another_dtype(runtime: OrtRuntime, model: GPT) -
         runtime.step(np.array([[1]]), pool=pool, slot_start=0, past_lengths=[0])
 
 
+def test_positions_stay_inside_the_context_length(runtime: OrtRuntime, model: GPT) -> None:
+    c = model.config
+    with pytest.raises(ValueError, match=r"max_length 129 exceeds the model's context length n_positions=128"):
+        runtime.new_pool(max_sequences=1, max_length=c.n_positions + 1)
+    big = KVPool(n_layer=c.n_layer, n_head=c.n_head, head_dim=c.head_dim, max_sequences=1,
+                 max_length=2 * c.n_positions)
+    with pytest.raises(ValueError, match=r"must be in \[1, 128\]"):
+        runtime.step(np.array([[1]]), pool=big, slot_start=0, past_lengths=[c.n_positions])
+
+
 def test_run_takes_feeds_by_name(runtime: OrtRuntime, model: GPT) -> None:
     c = model.config
     shape = (1, c.n_head, 8, c.head_dim)
