@@ -10,6 +10,7 @@ import logging
 import typer
 
 from export.tensorrt import build_engine_command  # onnx + (optional) tensorrt; no torch
+from serving.commands.bench import bench
 from serving.commands.generate import generate
 from serving.commands.repo import repo_app
 from serving.commands.serve import serve
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.command("serve")(serve)
 app.command("generate")(generate)
+app.command("bench")(bench)
 app.command("build-engine")(build_engine_command)
 app.add_typer(repo_app, name="repo")
 

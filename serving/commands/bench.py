@@ -1,0 +1,130 @@
+"""`gptpipe bench`: TTFT, ITL, tokens/s and requests/s of a gptpipe server, with baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+UrlOption = Annotated[Optional[str], typer.Option(
+    "--url", help="gRPC host:port of a running server; default: start a local server on --repository.")]
+RepositoryOption = Annotated[Path, typer.Option(
+    "--repository", help="The model repository (served locally without --url; read for the baselines).")]
+ModeOption = Annotated[str, typer.Option(
+    "--mode", help="client: the client-side loop over the gpt model; server: the streaming generate model.")]
+ConcurrencyOption = Annotated[str, typer.Option(
+    "--concurrency", help="Comma-separated concurrent streams per level, e.g. 1,2,4,8.")]
+PromptTokensOption = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (random token ids).")]
+OutputTokensOption = Annotated[int, typer.Option("--output-tokens", min=2, help="New tokens per request (eos ignored).")]
+RequestsOption = Annotated[Optional[int], typer.Option(
+    "--requests", min=1, help="Requests per level (default: max(4, 2 x concurrency)).")]
+BaselinesOption = Annotated[bool, typer.Option(
+    "--baselines/--no-baselines", help="Also run transformers, the PyTorch loop, in-process ORT and the bandwidth limit.")]
+CheckpointOption = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help="Weights for the PyTorch baselines (default: the repository manifest's source).")]
+OutOption = Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plots.")]
+SuiteOption = Annotated[Optional[str], typer.Option(
+    "--suite", help="targets: export gpt2-random (fp32, int8) and demo, serve, bench, check the targets.")]
+
+
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint="--concurrency") from None
+    if not levels or any(c < 1 for c in levels):
+        raise typer.BadParameter(f"{text!r}: every level must be an integer >= 1", param_hint="--concurrency")
+    if len(set(levels)) != len(levels):
+        raise typer.BadParameter(f"{text!r} repeats a level", param_hint="--concurrency")
+    return tuple(sorted(levels))
+
+
+class _RichProgress:
+    """serving.bench.Progress drawn with rich: one bar per task, finished bars stay."""
+
+    def __init__(self, progress: Any) -> None:
+        self._progress = progress
+        self._task: Optional[int] = None
+
+    def start(self, description: str, total: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._progress.tasks[self._task].total)
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, n)
+
+
+def bench(
+    url: UrlOption = None,
+    repository: RepositoryOption = Path("model_repository"),
+    mode: ModeOption = "client",
+    concurrency: ConcurrencyOption = "1,2,4,8",
+    prompt_tokens: PromptTokensOption = 128,
+    output_tokens: OutputTokensOption = 128,
+    requests: RequestsOption = None,
+    baselines: BaselinesOption = True,
+    checkpoint: CheckpointOption = None,
+    out: OutOption = Path("bench-out"),
+    suite: SuiteOption = None,
+) -> None:
+    """Benchmark a gptpipe server: per concurrency level, time to first token (p50/p90/p99),
+    inter-token latency (p50/p99), tokens/s per stream and in aggregate, requests/s; plus
+    baselines on the same weights and thread count. Writes bench.json, bench.md and PNG plots.
+
+    Example: gptpipe bench --repository model_repository --concurrency 1,4 --out bench-out
+
+    Example: gptpipe bench --url localhost:8001 --mode server --no-baselines
+
+    Example: gptpipe bench --suite targets --out bench-out
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from serving import bench as lib
+    from serving.server import TritonServerError
+
+    if mode not in lib.MODES:
+        raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(lib.MODES)}", param_hint="--mode")
+    levels = parse_concurrency(concurrency)
+    if suite is not None:
+        if suite != "targets":
+            raise typer.BadParameter(f"{suite!r}: the only suite is 'targets'", param_hint="--suite")
+        if url is not None:
+            raise typer.BadParameter("--suite targets starts its own servers; it takes no --url", param_hint="--url")
+        if checkpoint is not None:
+            raise typer.BadParameter("--suite targets exports its own models; it takes no --checkpoint",
+                                     param_hint="--checkpoint")
+        if 1 not in levels or 8 not in levels:
+            raise typer.BadParameter("--suite targets needs levels 1 and 8 (the 8-vs-1 target)",
+                                     param_hint="--concurrency")
+    elif url is None and not (repository / "gpt" / "config.pbtxt").is_file():
+        raise typer.BadParameter(f"{repository} is not a model repository (no gpt/config.pbtxt); run "
+                                 "export-model first, or give --url", param_hint="--repository")
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            progress = _RichProgress(bar)
+            if suite == "targets":
+                report = lib.run_targets(out, concurrency=levels, requests=requests, mode=mode, progress=progress,
+                                         prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+            else:
+                options = lib.BenchOptions(url=url, repository=repository, mode=mode, concurrency=levels,
+                                           prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                                           requests=requests, baselines=baselines, checkpoint=checkpoint)
+                report = lib.run_bench(options, progress=progress)
+        paths = lib.write_report(report, out)
+    except ValueError as e:  # bad options found once the model is known (context length, slots)
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except TritonServerError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    console.print(lib.render_markdown(lib.finite_or_none(report)), markup=False, highlight=False)
+    typer.echo("Wrote " + ", ".join(str(p) for p in paths.values()))
+    if report.get("ratios") and not all(r["pass"] for r in report["ratios"].values()):
+        failed = [k for k, r in report["ratios"].items() if not r["pass"]]
+        typer.echo(f"Targets missed: {', '.join(failed)}", err=True)
