@@ -1322,23 +1322,47 @@ def _serve(repository: Path, out_dir: Path, label: str) -> Any:
                         log_file=out_dir / f"tritonserver_{label}.log")
 
 
+PARTIAL_JSON = "bench.partial.json"
+
+
 def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8), requests: Optional[int] = None,
                 mode: Mode = "client", prompt_tokens: int = 128, output_tokens: int = 128,
                 progress: Progress = NoProgress(), perf_analyzer: bool = True) -> dict[str, Any]:
     """Everything the targets table needs, end to end (see the issue): exports, servers,
-    served levels, ITL vs context, int8, baselines, start-to-ready, peak RSS, perf_analyzer."""
+    served levels, ITL vs context, int8, baselines, start-to-ready, peak RSS, perf_analyzer.
+
+    The report grows phase by phase and is saved to out_dir/bench.partial.json after each, so
+    an interrupted run keeps what it measured."""
     options = BenchOptions(mode=mode, concurrency=tuple(sorted(concurrency)), prompt_tokens=prompt_tokens,
                            output_tokens=output_tokens, requests=requests)
     if 1 not in options.concurrency or 8 not in options.concurrency:
         raise ValueError(f"concurrency must include 1 and 8 for the targets, got {options.concurrency}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     suite_t0 = time.perf_counter()
-    load_at_start = machine_info().get("load_average")
     errors: list[str] = []
     notes: list[str] = []
     timings: dict[str, float] = {}
+    report: dict[str, Any] = {
+        "format": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**machine_info(), "load_average_at_start": machine_info().get("load_average")},
+        "settings": {
+            "suite": "targets", "url": "local tritonserver (started by the suite)", "protocol": "gRPC",
+            "mode": mode, "model": "gpt2-random (gpt2 124M shape, random weights)", "precision": "fp32",
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "concurrency": list(options.concurrency),
+            "requests": {str(c): options.requests_for(c) for c in options.concurrency},
+        },
+        "levels": [],
+        "timings_s": timings,
+        "notes": notes,
+        "errors": errors,
+    }
+
+    def save_partial() -> None:
+        timings["suite_s"] = time.perf_counter() - suite_t0
+        write_json(out_dir / PARTIAL_JSON, finite_or_none(report))
 
     # 1. the gpt2-shape models, with export-model (the demo ones come last: training the demo
     #    model, when it is not cached yet, is the longest single step)
@@ -1349,20 +1373,22 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
     check_fits(prompt_tokens=prompt_tokens, output_tokens=output_tokens, n_positions=fp32.config["n_positions"],
                concurrency=options.concurrency, max_sequences=fp32.max_sequences)
     vocab = fp32.config["vocab_size"]
+    report["settings"].update(repository=str(fp32.repository), threads=fp32.threads)
+    save_partial()
 
     # 2. fp32 on the server: start-to-ready, levels, ITL vs context, perf_analyzer; RSS all along
     server = _serve(fp32.repository, out_dir, "gpt2-fp32")
     progress.start("tritonserver gpt2 fp32: start to ready", 1)
+    batching: dict[str, Any] = {}
+    ctx: dict[str, Any] = {}
+    report.update(batching=batching, context_itl=ctx)
     t0 = time.perf_counter()
     server.start()
     sampler = RssSampler(server.pid).start()
-    levels: list[tuple[LevelStats, list[RequestTiming]]] = []
-    batching: dict[str, Any] = {}
-    ctx: dict[str, Any] = {}
-    pa: dict[str, Any] = {}
     try:
         server.wait_ready()
         start_to_ready = time.perf_counter() - t0
+        report["server"] = {"start_to_ready_s": start_to_ready}
         progress.advance()
         url = server.grpc_url
         progress.start("warm-up", 1)
@@ -1372,21 +1398,24 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
                               output_tokens=output_tokens, requests_for=options.requests_for, vocab_size=vocab,
                               progress=progress, label="served fp32", metrics_url=server.metrics_url,
                               batching=batching)
+        report["levels"] = [st.to_dict() for st, _ in levels]
+        save_partial()
         gen = ServedGenerator(url, mode=mode)
         try:
             ctx["served"] = context_itl(gen, vocab_size=vocab, progress=progress, label="served fp32")
         finally:
             gen.close()
+        save_partial()
         if perf_analyzer:
             progress.start("perf_analyzer: gpt (sequences), generate (streaming)", 1)
-            pa = run_perf_analyzer(url, out_dir, script=_project_root() / "scripts" / "perf_analyzer.sh",
-                                   n_positions=fp32.config["n_positions"], vocab_size=vocab)
+            report["perf_analyzer"] = run_perf_analyzer(
+                url, out_dir, script=_project_root() / "scripts" / "perf_analyzer.sh",
+                n_positions=fp32.config["n_positions"], vocab_size=vocab)
             progress.advance()
     finally:
         peak_rss = sampler.stop()
         server.stop()
-    server_info = {
-        "start_to_ready_s": start_to_ready,
+    report["server"].update({
         "peak_rss_bytes": peak_rss,
         "peak_rss_by_process": sampler.peak_by_process,
         "rss_samples": sampler.samples,
@@ -1394,7 +1423,8 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "kv_pool_bytes": fp32.kv_pool_bytes,
         "max_sequences": fp32.max_sequences,
         "threads": fp32.threads,
-    }
+    })
+    save_partial()
 
     # 3. int8 on the server, batch 1 (from here on, a failing part is recorded and the rest runs)
     def int8_served() -> dict[str, Any]:
@@ -1407,7 +1437,7 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
             except BaseException:
                 server.stop()
                 raise
-        server_info["int8_start_to_ready_s"] = elapsed()
+        report["server"]["int8_start_to_ready_s"] = elapsed()
         progress.advance()
         try:
             warm_up(server.grpc_url, mode=mode, prompt_tokens=prompt_tokens)
@@ -1419,51 +1449,62 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         return stats.to_dict()
 
     int8_one = _attempt("int8 served", int8_served, errors) or {}
+    report["int8"] = {"served_c1": int8_one}
+    if int8_one:
+        report["served_extra"] = {"int8 (gpt2 shape), served": [int8_one]}
+    save_partial()
 
     # 4. baselines on the fp32 weights (no server running)
     level1 = next(t for st, t in levels if st.concurrency == 1)
     baseline_prompts = random_prompts(options.requests_for(1), prompt_tokens, vocab_size=vocab, seed=1)[:3]
     reference = sorted(level1, key=lambda t: t.sent)[: len(baseline_prompts)]  # the same prompts, in order
-    baselines = measure_baselines(fp32, prompts=baseline_prompts, output_tokens=output_tokens,
-                                  checkpoint="gpt2-random", progress=progress, reference=reference)
+    report["baselines"] = baselines = measure_baselines(
+        fp32, prompts=baseline_prompts, output_tokens=output_tokens, checkpoint="gpt2-random", progress=progress,
+        reference=reference)
     errors += [f"baseline {k}: {v['error']}" for k, v in baselines.items() if "error" in v]
+    save_partial()
 
     def ort_context() -> dict[str, Any]:
         loop = OrtLoop(fp32.engine, threads=fp32.threads, max_length=fp32.config["n_positions"])
         return context_itl(loop, vocab_size=vocab, progress=progress, label="in-process ORT")
 
     ctx["ort_inprocess"] = _attempt("in-process ORT ITL vs context", ort_context, errors)
+    save_partial()
 
     # 5. int8 greedy agreement: the demo model (trained) is the real check; gpt2-random for the record
+    agreement: dict[str, Any] = {}
+    report["int8"]["agreement"] = agreement
+    agreement["gpt2-random"] = _attempt("int8 agreement (gpt2-random)", lambda: int8_agreement(
+        fp32.engine, int8.engine, random_prompts(4, 32, vocab_size=vocab, seed=99), threads=fp32.threads,
+        max_length=fp32.config["n_positions"]), errors)
+    save_partial()
+
     def demo_agreement() -> dict[str, Any]:
         from serving.tokenizer import Tokenizer
 
         repos.update(_export_all(DEMO_MODELS, out_dir, tokenizer=None, progress=progress, timings=timings,
                                  notes=notes))
-        progress.start("int8 vs fp32 greedy agreement (in-process engine)", 2)
+        progress.start("int8 vs fp32 greedy agreement on the demo prompts (in-process engine)", 1)
         demo32, demo8 = read_repository(repos["demo-fp32"]), read_repository(repos["demo-int8"])
         tokenizer = Tokenizer.from_file(demo32.repository / "tokenizer" / "1" / "tokenizer.json")
         prompts = [tokenizer.encode(p) for p in AGREEMENT_PROMPTS]
-        return int8_agreement(demo32.engine, demo8.engine, prompts, threads=demo32.threads,
-                              max_length=demo32.config["n_positions"])
+        result = int8_agreement(demo32.engine, demo8.engine, prompts, threads=demo32.threads,
+                                max_length=demo32.config["n_positions"])
+        progress.advance()
+        return result
 
-    agreement = {"demo": _attempt("int8 agreement (demo)", demo_agreement, errors) or {}}
-    progress.advance()
-    agreement["gpt2-random"] = _attempt("int8 agreement (gpt2-random)", lambda: int8_agreement(
-        fp32.engine, int8.engine, random_prompts(4, 32, vocab_size=vocab, seed=99), threads=fp32.threads,
-        max_length=fp32.config["n_positions"]), errors)
-    progress.advance()
+    agreement["demo"] = _attempt("int8 agreement (demo)", demo_agreement, errors) or {}
 
     # 6. the ratios
-    lv = [st.to_dict() for st, _ in levels]
+    lv = report["levels"]
     one, eight = _level(lv, 1), _level(lv, 8)
     served_tps = one["tokens_per_s_per_stream"] if one else None
 
     def rate(key: str) -> Optional[float]:
         b = baselines.get(key, {})
-        return b["tokens_per_s"] if key == "bandwidth_limit" else b.get("stats", {}).get("tokens_per_s_per_stream")
+        return b.get("tokens_per_s") if key == "bandwidth_limit" else b.get("stats", {}).get("tokens_per_s_per_stream")
 
-    ratios = judge({
+    report["ratios"] = judge({
         "served_vs_transformers": _ratio(served_tps, rate("transformers")),
         "served_vs_ort_inprocess": _ratio(served_tps, rate("ort_inprocess")),
         "served_vs_bandwidth_limit": _ratio(served_tps, rate("bandwidth_limit")),
@@ -1486,33 +1527,14 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "rss_vs_weights_kv: peak of the summed RSS of tritonserver and its python-backend stubs (psutil, "
         "sampled every 50 ms from start through the fp32 benchmark) / (engine file bytes + the gpt model's "
         "full KV pool bytes); pages shared between processes count in each, so the sum errs high.",
+        "the load average at the start and at the end of the run is in machine: other work on the machine "
+        "slows every path, and not all paths by the same factor, so the ratios are only as clean as the "
+        "machine was quiet.",
     ]
+    report["machine"]["load_average_at_end"] = machine_info().get("load_average")
     timings["suite_s"] = time.perf_counter() - suite_t0
-    return {
-        "format": 1,
-        "created": created,
-        "machine": {**machine_info(), "load_average_at_start": load_at_start},
-        "settings": {
-            "suite": "targets", "url": "local tritonserver (started by the suite)", "protocol": "gRPC",
-            "mode": mode, "model": "gpt2-random (gpt2 124M shape, random weights)", "precision": "fp32",
-            "repository": str(fp32.repository), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-            "concurrency": list(options.concurrency),
-            "requests": {str(c): options.requests_for(c) for c in options.concurrency},
-            "threads": fp32.threads,
-        },
-        "levels": lv,
-        "batching": batching,
-        "served_extra": {"int8 (gpt2 shape), served": [int8_one]} if int8_one else {},
-        "baselines": baselines,
-        "context_itl": ctx,
-        "server": server_info,
-        "int8": {"served_c1": int8_one, "agreement": agreement},
-        "perf_analyzer": pa,
-        "ratios": ratios,
-        "timings_s": timings,
-        "notes": notes,
-        "errors": errors,
-    }
+    (out_dir / PARTIAL_JSON).unlink(missing_ok=True)
+    return report
 
 
 def _attempt(label: str, fn: Callable[[], Any], errors: list[str]) -> Any:

@@ -97,6 +97,9 @@ def bench(
         if checkpoint is not None:
             raise typer.BadParameter("--suite targets exports its own models; it takes no --checkpoint",
                                      param_hint="--checkpoint")
+        if not baselines:
+            raise typer.BadParameter("--suite targets needs the baselines (three targets are ratios to them)",
+                                     param_hint="--no-baselines")
         if 1 not in levels or 8 not in levels:
             raise typer.BadParameter("--suite targets needs levels 1 and 8 (the 8-vs-1 target)",
                                      param_hint="--concurrency")
