@@ -153,6 +153,21 @@ def cli() -> typer.Typer:
     return app
 
 
+@pytest.mark.parametrize("args, hint, message", [
+    (["--no-baselines"], "--no-baselines", "needs the baselines"),
+    (["--concurrency", "1,4"], "--concurrency", "needs levels 1 and 8"),
+    (["--url", "localhost:1"], "--url", "starts its own servers"),
+    (["--checkpoint", "demo"], "--checkpoint", "exports its own models"),
+])
+def test_targets_suite_refuses_options_it_cannot_honour(args, hint, message, tmp_path):
+    """Refused before any export or server start: nothing is written."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli(), ["bench", "--suite", "targets", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert hint in result.output and message in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_bench_against_a_real_server_writes_a_wellformed_report(tiny_served, tmp_path, request):
     model, repository, checkpoint, server = tiny_served
     attach_server_log(request, server)
