@@ -524,15 +524,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rows = []
         for key, b in baselines.items():
             if key == "bandwidth_limit":
-                rows.append([BASELINE_LABELS[key], _fmt(b["tokens_per_s"]), _fmt(b["itl_ms"], 2), "–",
+                rows.append([BASELINE_LABELS[key], _fmt(b["tokens_per_s"]), _fmt(b["itl_ms"], 2), "–", "–",
                              f"{b['bandwidth_gb_s']:.1f} GB/s ({b['method']}), {b['weight_bytes'] / 1e6:.0f} MB weights"])
             elif "error" in b:
-                rows.append([BASELINE_LABELS.get(key, key), "–", "–", "–", f"failed: {b['error']}"])
+                rows.append([BASELINE_LABELS.get(key, key), "–", "–", "–", "–", f"failed: {b['error']}"])
             else:
                 st = b["stats"]
+                paired = _fmt(b.get("paired_ratio"), 2)
                 rows.append([BASELINE_LABELS.get(key, key), _fmt(st["tokens_per_s_per_stream"]),
-                             _fmt(st["itl_ms"]["p50"], 2), _fmt(st["ttft_ms"]["p50"]), b.get("note", "")])
-        out += _table(["baseline", "tok/s", "ITL p50 ms", "TTFT p50 ms", "note"], rows)
+                             _fmt(st["itl_ms"]["p50"], 2), _fmt(st["ttft_ms"]["p50"]), paired, b.get("note", "")])
+        out += _table(["baseline", "tok/s", "ITL p50 ms", "TTFT p50 ms", "served ÷ baseline (paired)", "note"], rows)
     if report.get("batching"):
         out += ["", "### What the server batched (from its metrics)", ""]
         rows = [[c, str(b["step_requests"]), str(b["triton_executions"]), _fmt(b["requests_per_execution"], 2),
@@ -963,19 +964,32 @@ def _try_scrape(metrics_url: Optional[str]) -> Optional[dict[str, float]]:
 
 
 def _baseline_entry(timings: Sequence[RequestTiming], *, output_tokens: int, note: str,
-                    reference: Optional[Sequence[RequestTiming]] = None) -> dict[str, Any]:
+                    reference: Optional[Sequence[RequestTiming]] = None,
+                    paired: Optional[Sequence[RequestTiming]] = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"stats": level_stats(timings, concurrency=1, output_tokens=output_tokens).to_dict(),
                              "note": note}
     if reference:
         same = sum(int(a.tokens == b.tokens) for a, b in zip(timings, reference))
         entry["greedy_tokens_equal_served"] = f"{same}/{min(len(timings), len(reference))}"
+    if paired:
+        # served request i ran just before baseline request i, same prompt: the machine's drift
+        # over minutes cancels in each pair's ratio
+        pairs = [s.decode_tokens_per_s / b.decode_tokens_per_s for s, b in zip(paired, timings)]
+        entry["paired_served"] = level_stats(paired, concurrency=1, output_tokens=output_tokens).to_dict()
+        entry["paired_ratios"] = pairs
+        entry["paired_ratio"] = float(np.median(pairs))
     return entry
 
 
 def measure_baselines(served: ServedModel, *, prompts: Sequence[Sequence[int]], output_tokens: int,
                       checkpoint: Optional[str] = None, progress: Progress = NoProgress(),
-                      reference: Optional[Sequence[RequestTiming]] = None) -> dict[str, Any]:
+                      reference: Optional[Sequence[RequestTiming]] = None,
+                      served_generator: Optional[Generator] = None) -> dict[str, Any]:
     """The four baselines on the served model's weights and thread count, batch 1.
+
+    served_generator: the running server; each baseline request is then paired with a served
+    request of the same prompt run just before it (the entry's `paired_ratio`, served / baseline
+    tokens/s, median over the pairs). The server is idle while a baseline runs.
 
     A baseline that fails is recorded with its error; the others still run."""
     threads = served.threads
@@ -997,14 +1011,19 @@ def measure_baselines(served: ServedModel, *, prompts: Sequence[Sequence[int]], 
     progress.advance()
 
     def run(key: str, generate: Generator, note: str) -> None:
-        progress.start(f"baseline: {key}", len(prompts) + 1)
+        progress.start(f"baseline: {key}" + (" (paired with served requests)" if served_generator else ""),
+                       len(prompts) + 1)
         generate(prompts[0][: min(len(prompts[0]), 16)], 4)  # warm-up, not measured
         progress.advance()
-        timings = []
+        timings: list[RequestTiming] = []
+        paired: list[RequestTiming] = []
         for p in prompts:
+            if served_generator is not None:
+                paired.append(served_generator(p, output_tokens))
             timings.append(generate(p, output_tokens))
             progress.advance()
-        out[key] = _baseline_entry(timings, output_tokens=output_tokens, note=note, reference=reference)
+        out[key] = _baseline_entry(timings, output_tokens=output_tokens, note=note, reference=reference,
+                                   paired=paired)
 
     try:
         loop = OrtLoop(served.engine, threads=threads, max_length=served.config["n_positions"])
@@ -1412,6 +1431,20 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
                 url, out_dir, script=_project_root() / "scripts" / "perf_analyzer.sh",
                 n_positions=fp32.config["n_positions"], vocab_size=vocab)
             progress.advance()
+        # baselines on the fp32 weights, each request paired with a served one (the server is
+        # idle while a baseline runs, and vice versa)
+        level1 = next(t for st, t in levels if st.concurrency == 1)
+        baseline_prompts = random_prompts(options.requests_for(1), prompt_tokens, vocab_size=vocab, seed=1)[:3]
+        reference = sorted(level1, key=lambda t: t.sent)[: len(baseline_prompts)]  # the same prompts, in order
+        gen = ServedGenerator(url, mode=mode)
+        try:
+            report["baselines"] = baselines = measure_baselines(
+                fp32, prompts=baseline_prompts, output_tokens=output_tokens, checkpoint="gpt2-random",
+                progress=progress, reference=reference, served_generator=gen)
+        finally:
+            gen.close()
+        errors += [f"baseline {k}: {v['error']}" for k, v in baselines.items() if "error" in v]
+        save_partial()
     finally:
         peak_rss = sampler.stop()
         server.stop()
@@ -1454,16 +1487,7 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         report["served_extra"] = {"int8 (gpt2 shape), served": [int8_one]}
     save_partial()
 
-    # 4. baselines on the fp32 weights (no server running)
-    level1 = next(t for st, t in levels if st.concurrency == 1)
-    baseline_prompts = random_prompts(options.requests_for(1), prompt_tokens, vocab_size=vocab, seed=1)[:3]
-    reference = sorted(level1, key=lambda t: t.sent)[: len(baseline_prompts)]  # the same prompts, in order
-    report["baselines"] = baselines = measure_baselines(
-        fp32, prompts=baseline_prompts, output_tokens=output_tokens, checkpoint="gpt2-random", progress=progress,
-        reference=reference)
-    errors += [f"baseline {k}: {v['error']}" for k, v in baselines.items() if "error" in v]
-    save_partial()
-
+    # 4. ITL against context in process (no server running)
     def ort_context() -> dict[str, Any]:
         loop = OrtLoop(fp32.engine, threads=fp32.threads, max_length=fp32.config["n_positions"])
         return context_itl(loop, vocab_size=vocab, progress=progress, label="in-process ORT")
@@ -1500,14 +1524,18 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
     one, eight = _level(lv, 1), _level(lv, 8)
     served_tps = one["tokens_per_s_per_stream"] if one else None
 
-    def rate(key: str) -> Optional[float]:
-        b = baselines.get(key, {})
-        return b.get("tokens_per_s") if key == "bandwidth_limit" else b.get("stats", {}).get("tokens_per_s_per_stream")
+    def paired(key: str) -> Optional[float]:
+        return baselines.get(key, {}).get("paired_ratio")
+
+    # the served rate next to the bandwidth limit: every served request of the paired phase
+    paired_served = [r for k in ("ort_inprocess", "torch_loop", "transformers")
+                     if (r := baselines.get(k, {}).get("paired_served", {}).get("tokens_per_s_per_stream"))]
+    served_paired_tps = float(np.median(paired_served)) if paired_served else served_tps
 
     report["ratios"] = judge({
-        "served_vs_transformers": _ratio(served_tps, rate("transformers")),
-        "served_vs_ort_inprocess": _ratio(served_tps, rate("ort_inprocess")),
-        "served_vs_bandwidth_limit": _ratio(served_tps, rate("bandwidth_limit")),
+        "served_vs_transformers": paired("transformers"),
+        "served_vs_ort_inprocess": paired("ort_inprocess"),
+        "served_vs_bandwidth_limit": _ratio(served_paired_tps, baselines.get("bandwidth_limit", {}).get("tokens_per_s")),
         "itl_ctx1000_vs_ctx100": ctx["served"]["ratio_p50"],
         "aggregate_8_vs_1": _ratio(eight["aggregate_tokens_per_s"] if eight else None,
                                    one["aggregate_tokens_per_s"] if one else None),
@@ -1518,7 +1546,11 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
     })
     notes += [
         "served tokens/s = the decode rate of one stream, (n-1)/(last-first token), at concurrency 1; the "
-        "baselines are measured the same way on the same prompts (batch 1, same intra-op thread count).",
+        "baselines are measured the same way on the same prompts (batch 1, same intra-op thread count). "
+        "served_vs_transformers and served_vs_ort_inprocess are paired: each baseline request ran right after a "
+        "served request of the same prompt (the server up and idle), and the ratio is the median of the "
+        "per-pair ratios, so a slow drift of the machine's speed cancels; served_vs_bandwidth_limit uses the "
+        "median served rate of those pairs.",
         "int8_greedy_agreement: demo model (trained), free-running greedy continuations of "
         f"{len(AGREEMENT_PROMPTS)} fixed prompts, {AGREEMENT_NEW_TOKENS} new tokens each, position by position, "
         "in the serving engine in process (the served path gives the engine's tokens); the teacher-forced "

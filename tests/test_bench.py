@@ -63,6 +63,17 @@ def test_level_stats_refuses_empty_input():
         bench.level_stats([bench.RequestTiming(0.0, (), 8)], concurrency=1, output_tokens=4)
 
 
+def test_paired_baseline_ratio_is_the_median_of_the_pairs():
+    # baseline: 10 tokens/s decode in every request; served: 20, 30, 25 tokens/s
+    base = [timing(float(i), [0.1] * 9, 0.05) for i in range(3)]
+    served = [timing(float(i), [1 / r] * 9, 0.02) for i, r in enumerate((20.0, 30.0, 25.0))]
+    entry = bench._baseline_entry(base, output_tokens=10, note="n", paired=served)
+    assert entry["paired_ratios"] == pytest.approx([2.0, 3.0, 2.5])
+    assert entry["paired_ratio"] == pytest.approx(2.5)
+    assert entry["paired_served"]["tokens_per_s_per_stream"] == pytest.approx(25.0)
+    assert "paired_ratio" not in bench._baseline_entry(base, output_tokens=10, note="n")
+
+
 def test_weight_bytes_per_token_counts_what_a_decode_step_reads():
     # every parameter but the position table (one row read per step); the LM head is the tied wte
     for preset in ("tiny", "gpt2"):
