@@ -270,7 +270,8 @@ class Generation:
         if self.finish_reason is not None:
             raise RuntimeError("advance() after the generation finished")
         n_prompt, n = len(self.prompt_ids), len(self.generated)
-        token, logprob = self.sampler.sample(np.asarray(logits).reshape(-1), self._history[: n_prompt + n])
+        token, logprob = self.sampler.sample(np.asarray(logits).reshape(-1), self._history[: n_prompt + n],
+                                             logprob=self.return_logprobs)
         self.generated.append(token)
         self._history[n_prompt + n] = token
         n += 1

@@ -362,6 +362,22 @@ def test_sample_batch_equals_rows_in_order():
         a.sample_batch(x, prev[:3])
 
 
+@pytest.mark.parametrize("params", [
+    dict(temperature=0), dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=0.8, top_k=20, seed=3), dict(temperature=1.0, top_p=0.9, seed=4),
+])
+def test_skipping_the_logprob_changes_neither_tokens_nor_draws(params):
+    with_lp, without = Sampler(SamplingParams(**params)), Sampler(SamplingParams(**params))
+    prev = [3, 7, 7]
+    for i in range(20):
+        x = _logits(i, 300)
+        token, lp = with_lp.sample(x, prev)
+        token2, lp2 = without.sample(x, prev, logprob=False)
+        assert token2 == token and math.isfinite(lp) and math.isnan(lp2)
+        prev.append(token)
+    assert without.num_draws == with_lp.num_draws
+
+
 def test_unseeded_sampler_records_its_seed():
     s = Sampler(SamplingParams())
     assert 0 <= s.seed < 2**63
