@@ -88,14 +88,19 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served_session(tiny_export, tmp_path_factory):
-    """One real tritonserver for the session, serving the tiny export (8 KV slots)."""
+    """One real tritonserver for the session, serving the tiny export (8 KV slots).
+
+    With a 2 ms batching window: a tiny-model step takes well under a millisecond, so without
+    one, concurrent clients' steps rarely meet in Triton's queue and the batching tests would
+    depend on timing luck. (The default window is 0, measured best for real model sizes, where
+    steps queue up behind a running engine call; see ServingOptions.)"""
     from serving.repository import ServingOptions, write_repository
     from tests.triton_fixtures import start_server
 
     model, tokenizer, onnx_path = tiny_export
     repository = write_repository(tmp_path_factory.mktemp("served") / "repo", engine_file=onnx_path,
                                   tokenizer_json=tokenizer.to_str(), model_config=model.config.to_dict(),
-                                  options=ServingOptions(max_sequences=8))
+                                  options=ServingOptions(max_sequences=8, max_queue_delay_microseconds=2000))
     server = start_server(repository)
     yield Served(model, tokenizer, repository, server)
     server.stop()
