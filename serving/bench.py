@@ -586,7 +586,22 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     baselines = _baseline_rates(report)
     styles = {"transformers": ("tab:red", "--"), "torch_loop": ("tab:orange", "--"),
               "ort_inprocess": ("tab:green", "--"), "bandwidth_limit": ("black", ":")}
-    paths = []
+    paths: list[Path] = []
+
+    def finish(fig: Any, ax: Any, *, ylabel: str, title: str, name: str) -> None:
+        """The axes both plots share (log-2 concurrency, log y), then save and close."""
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.set_title(f"{title} — {report['settings'].get('model', '')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(conc, [_num(lv["itl_ms"]["p50"]) for lv in levels], "o-", color="tab:blue", label="served ITL p50")
@@ -595,18 +610,8 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
         color, ls = styles.get(key, ("gray", "--"))
         label = "bandwidth floor (batch 1)" if key == "bandwidth_limit" else f"{key} (batch 1)"
         ax.axhline(itl, color=color, linestyle=ls, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(conc, [str(c) for c in conc])
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("inter-token latency (ms, log scale)")
-    ax.set_yscale("log")  # the tiny model's limit and its served ITL are orders of magnitude apart
-    ax.set_title(f"ITL vs concurrency — {report['settings'].get('model', '')}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / ITL_PNG)
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    # log y: the tiny model's limit and its served ITL are orders of magnitude apart
+    finish(fig, ax, ylabel="inter-token latency (ms, log scale)", title="ITL vs concurrency", name=ITL_PNG)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(conc, [_num(lv["aggregate_tokens_per_s"]) for lv in levels], "o-", color="tab:blue", label="served aggregate")
@@ -621,18 +626,7 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
                     label="bandwidth limit × streams")
         else:
             ax.axhline(rate, color=color, linestyle=ls, label=f"{key} (batch 1)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(conc, [str(c) for c in conc])
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("output tokens/s (log scale)")
-    ax.set_yscale("log")
-    ax.set_title(f"Tokens/s vs concurrency — {report['settings'].get('model', '')}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / THROUGHPUT_PNG)
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    finish(fig, ax, ylabel="output tokens/s (log scale)", title="Tokens/s vs concurrency", name=THROUGHPUT_PNG)
     return paths
 
 
@@ -902,13 +896,18 @@ def check_fits(*, prompt_tokens: int, output_tokens: int, n_positions: int, conc
                          "(KV-pool slots); the extra streams would be refused as busy")
 
 
-@contextmanager
-def local_server(repository: Path, *, log_file: Optional[Path] = None) -> Iterator[Any]:
-    """A TritonServer on free ports, started and ready; stopped on exit."""
+def new_local_server(repository: Path, *, log_file: Optional[Path] = None) -> Any:
+    """A TritonServer on free localhost ports, not started yet."""
     from serving.server import TritonServer, free_ports
 
     http, grpc, metrics = free_ports(3)
-    server = TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log_file)
+    return TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log_file)
+
+
+@contextmanager
+def local_server(repository: Path, *, log_file: Optional[Path] = None) -> Iterator[Any]:
+    """A TritonServer on free ports, started and ready; stopped on exit."""
+    server = new_local_server(repository, log_file=log_file)
     server.start()
     try:
         server.wait_ready()
@@ -1334,11 +1333,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def _serve(repository: Path, out_dir: Path, label: str) -> Any:
-    from serving.server import TritonServer, free_ports
-
-    http, grpc, metrics = free_ports(3)
-    return TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                        log_file=out_dir / f"tritonserver_{label}.log")
+    return new_local_server(repository, log_file=out_dir / f"tritonserver_{label}.log")
 
 
 PARTIAL_JSON = "bench.partial.json"
