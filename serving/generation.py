@@ -228,6 +228,7 @@ class Generation:
         self.max_new_tokens = check_max_new_tokens(max_new_tokens, field_name=max_new_tokens_field)
         if vocab_size is None and tokenizer is not None:
             vocab_size = tokenizer.vocab_size
+        self.vocab_size = vocab_size
         self.prompt_ids = check_prompt_ids(prompt_ids, max_new_tokens=self.max_new_tokens,
                                            n_positions=n_positions, vocab_size=vocab_size,
                                            field_name=max_new_tokens_field)
@@ -252,6 +253,14 @@ class Generation:
         return self.sampler.seed
 
     @property
+    def argmax_only(self) -> bool:
+        """True when the next token is the argmax of the logits and nothing else of them is used
+        (greedy, no repetition penalty, no log-probs). A step may then answer the token id alone
+        (the `gpt` model's output_ids, 8 bytes) instead of vocab_size floats of logits."""
+        p = self.sampler.params
+        return p.greedy and p.repetition_penalty == 1.0 and not self.return_logprobs
+
+    @property
     def last_token(self) -> int:
         """The newest token the sequence knows of: what an END-only step sends."""
         return self.generated[-1] if self.generated else self.prompt_ids[-1]
@@ -265,13 +274,19 @@ class Generation:
         (prompt + generated <= prompt + max_new_tokens <= n_positions)."""
         return Step((self.last_token,), end=True)
 
-    def advance(self, logits: np.ndarray, *, sent_at: float) -> tuple[TokenEvent, Optional[Step]]:
-        """Sample the next token from the step's logits (V,) or (1, V)."""
+    def advance(self, output: np.ndarray, *, sent_at: float) -> tuple[TokenEvent, Optional[Step]]:
+        """Take the step's output: its logits (V,) or (1, V), sampled here; or, for an
+        ``argmax_only`` generation, the greedy token id the step model chose (an integer
+        array of one element), which is the token the sampler would pick from the logits."""
         if self.finish_reason is not None:
             raise RuntimeError("advance() after the generation finished")
         n_prompt, n = len(self.prompt_ids), len(self.generated)
-        token, logprob = self.sampler.sample(np.asarray(logits).reshape(-1), self._history[: n_prompt + n],
-                                             logprob=self.return_logprobs)
+        output = np.asarray(output)
+        if output.dtype.kind in "iu":
+            token, logprob = self._server_token(output), None
+        else:
+            token, logprob = self.sampler.sample(output.reshape(-1), self._history[: n_prompt + n],
+                                                 logprob=self.return_logprobs)
         self.generated.append(token)
         self._history[n_prompt + n] = token
         n += 1
@@ -294,6 +309,17 @@ class Generation:
             return event, None
         # the step whose logits give the last token also ends the sequence
         return event, Step((token,), end=n + 1 == self.max_new_tokens)
+
+
+    def _server_token(self, output: np.ndarray) -> int:
+        if not self.argmax_only:
+            raise ValueError("the step answered a token id, but this generation samples from the logits")
+        if output.size != 1:
+            raise ValueError(f"the step answered {output.size} token ids, expected 1")
+        token = int(output.reshape(-1)[0])
+        if token < 0 or (self.vocab_size is not None and token >= self.vocab_size):
+            raise ValueError(f"the step answered token id {token}, outside the vocabulary [0, {self.vocab_size})")
+        return token
 
 
 StepFn = Callable[..., np.ndarray]  # step(tokens: Sequence[int], *, start: bool, end: bool) -> logits

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SamplingParams",
     "Sampler",
+    "greedy_token",
     "apply_repetition_penalty",
     "logits_to_probs",
 ]
@@ -181,6 +182,15 @@ def _check_previous_ids(previous_ids: Sequence[int] | np.ndarray, vocab_size: in
         bad = lo if lo < 0 else hi
         raise ValueError(f"previous_ids must be in [0, {vocab_size}) (vocab size), got {bad}")
     return ids.astype(np.int64, copy=False)
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """The greedy next token of logits (V,): the argmax, lowest id on ties; the same token,
+    and the same errors (NaN, +inf, all -inf), as ``Sampler`` with temperature 0 and no
+    repetition penalty. The `gpt` step model answers this to clients that ask only for it."""
+    logits = _check_logits(logits)
+    _max_or_raise(logits)
+    return int(np.argmax(logits))  # float32 -> float64 keeps the order: same argmax
 
 
 def _check_penalty(penalty: float) -> float:

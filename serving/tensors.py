@@ -139,8 +139,12 @@ GPT_MODEL = "gpt"
 GPT_INPUTS = [
     TensorSpec(INPUT_IDS, "int64", (SEQ,), doc="the whole prompt at START, then the new token(s)"),
 ]
+OUTPUT_IDS = "output_ids"
 GPT_OUTPUTS = [
     TensorSpec(LOGITS, "float32", (VOCAB,), doc="logits of the last position"),
+    # A client that samples greedily (no repetition penalty, no log-probs) asks for this one
+    # alone: 8 bytes per step instead of vocab_size floats (200 KB at gpt2's 50257).
+    TensorSpec(OUTPUT_IDS, "int64", (1,), doc="the greedy next token: argmax of the logits, lowest id on ties"),
 ]
 
 # `generate`: decoupled, streaming, the server-side loop. Names as tensorrtllm_backend's

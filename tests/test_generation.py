@@ -18,6 +18,7 @@ from serving.generation import (
     Generation,
     InvalidParameterError,
     PromptTooLongError,
+    Step,
     agenerate_tokens,
     collect,
     generate_tokens,
@@ -276,3 +277,61 @@ def test_prompt_that_exactly_fills_the_context_is_allowed():
 def test_sampling_params_errors_are_invalid_parameter_errors(kw, match):
     with pytest.raises(InvalidParameterError, match=match):
         make_sampling_params(**kw)
+
+
+# ------------------------------------------------------------------ the greedy token from the server
+
+
+@pytest.mark.parametrize("kw,argmax_only", [
+    (dict(params=GREEDY), True),
+    (dict(params=SamplingParams(temperature=0, repetition_penalty=1.2)), False),  # needs the logits
+    (dict(params=GREEDY, return_logprobs=True), False),
+    (dict(params=SamplingParams(temperature=0.7, seed=1)), False),
+])
+def test_argmax_only_when_the_logits_give_nothing_but_the_argmax(kw, argmax_only):
+    assert Generation([1], max_new_tokens=2, n_positions=16, **kw).argmax_only is argmax_only
+
+
+def test_a_generation_takes_the_servers_greedy_token_like_its_own_argmax():
+    """A step that answers the greedy id (the `gpt` model's output_ids) gives the same events
+    as one that answers the logits, with no random draw."""
+    from serving.sampling import greedy_token
+
+    model = table_model()
+    by_logits, _ = run(model, [1, 2, 3], max_new_tokens=6)
+    generation = Generation([1, 2, 3], max_new_tokens=6, params=GREEDY, n_positions=128, vocab_size=64)
+    ids = Recorder(lambda context: np.array([greedy_token(model(context))], dtype=np.int64))
+    by_ids = collect(generate_tokens(ids, generation))
+    assert by_ids.token_ids == by_logits.token_ids and by_ids.finish_reason == by_logits.finish_reason
+    assert generation.sampler.num_draws == 0
+
+
+def test_a_token_id_answer_is_checked():
+    def advance(generation, output):
+        return generation.advance(np.asarray(output, dtype=np.int64), sent_at=0.0)
+
+    sampled = Generation([1], max_new_tokens=4, params=SamplingParams(temperature=1.0, seed=0), n_positions=16)
+    with pytest.raises(ValueError, match="samples from the logits"):
+        advance(sampled, [3])
+    greedy = Generation([1], max_new_tokens=4, params=GREEDY, n_positions=16, vocab_size=10)
+    with pytest.raises(ValueError, match="2 token ids, expected 1"):
+        advance(greedy, [3, 4])
+    with pytest.raises(ValueError, match=r"token id 10, outside the vocabulary \[0, 10\)"):
+        advance(greedy, [10])
+    event, following = advance(greedy, [[7]])
+    assert event.token_id == 7 and following == Step((7,))
+
+
+def test_greedy_token_is_the_samplers_greedy_choice_with_its_errors():
+    from serving.sampling import greedy_token
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = rng.normal(size=500).astype(np.float32)
+        logits[rng.integers(0, 500, 3)] = logits.max()  # ties: the lowest id wins in both
+        assert greedy_token(logits) == Sampler(GREEDY).sample(logits)[0]
+    for bad, match in ((np.array([0.0, np.nan], np.float32), "NaN"),
+                       (np.array([0.0, np.inf], np.float32), r"\+inf"),
+                       (np.full(3, -np.inf, np.float32), "all -inf")):
+        with pytest.raises(ValueError, match=match):
+            greedy_token(bad)
