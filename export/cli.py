@@ -128,6 +128,13 @@ def export_model(
                                           "(fast); dynamic: portable graph (TensorRT)")] = "static",
     idle_timeout_s: Annotated[float, typer.Option("--idle-timeout", help="seconds before an idle "
                                                   "sequence's KV slot is freed")] = 60.0,
+    inflight_batching: Annotated[bool, typer.Option(
+        "--inflight-batching/--no-inflight-batching",
+        help="in-flight batching: `gpt` is a decoupled model that steps concurrent sequences together "
+             "(clients step it over gRPC streams); off: plain request/response `gpt` (HTTP client loops)")] = True,
+    max_step_wait_us: Annotated[int, typer.Option(
+        "--max-step-wait-us", help="in-flight batching: how long (µs) an engine call may wait for the "
+                                   "sequences of the previous call to send their next step")] = 5000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")] = False,
 ) -> None:
     """Export a GPT-2 checkpoint to ONNX with a KV cache, validate it against PyTorch, and write
@@ -143,14 +150,16 @@ def export_model(
     try:
         _export(model=model, precision=precision, output=output, max_batch_size=max_batch_size,
                 opset=opset, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
-                idle_timeout_s=idle_timeout_s)
+                idle_timeout_s=idle_timeout_s, inflight_batching=inflight_batching,
+                max_step_wait_us=max_step_wait_us)
     except (ExportFailed, ValidationError, RepositoryError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
 def _export(*, model: str, precision: str, output: Path, max_batch_size: int, opset: int, force: bool,
-            tokenizer: Optional[Path], kv_cache: str, idle_timeout_s: float) -> None:
+            tokenizer: Optional[Path], kv_cache: str, idle_timeout_s: float, inflight_batching: bool = True,
+            max_step_wait_us: int = 5000) -> None:
     # reject bad flags before any slow work
     if precision not in PRECISIONS:
         raise ExportFailed(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -160,6 +169,8 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
         raise ExportFailed(f"--max-batch-size must be >= 1, got {max_batch_size}")
     if not idle_timeout_s > 0:
         raise ExportFailed(f"--idle-timeout must be > 0 seconds, got {idle_timeout_s}")
+    if max_step_wait_us < 0:
+        raise ExportFailed(f"--max-step-wait-us must be >= 0, got {max_step_wait_us}")
     from export.onnx import check_opset
 
     try:
@@ -169,7 +180,8 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
     output = output.resolve()
     check_output(output, force=force)
     options = ServingOptions(max_sequences=max_batch_size,
-                             max_sequence_idle_microseconds=int(idle_timeout_s * 1e6))
+                             max_sequence_idle_microseconds=int(idle_timeout_s * 1e6),
+                             inflight_batching=inflight_batching, max_step_wait_microseconds=max_step_wait_us)
     from serving.server import has_nvidia_gpu
 
     if precision == "fp16" and not has_nvidia_gpu():

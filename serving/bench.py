@@ -765,15 +765,14 @@ class ServedGenerator:
         return RequestTiming(sent=sent, token_times=tuple(times), prompt_tokens=len(prompt), tokens=tuple(tokens))
 
     def _events(self, prompt: Sequence[int], max_tokens: int) -> Any:
-        from serving.client import _generate_inputs, _grpc_server_events, _new_correlation_id, _validate
+        from serving.client import _generate_inputs, _grpc_server_events, _validate
         from serving.generation import Generation, generate_tokens, make_sampling_params
 
         generation = Generation(
             list(prompt), max_new_tokens=max_tokens, params=make_sampling_params(temperature=0.0, seed=0),
             n_positions=self.config.n_positions, vocab_size=self.config.vocab_size, eos_token_id=None)
         if self.mode == "client":
-            step = self.client._transport.sequence(_new_correlation_id())
-            return generate_tokens(step, generation)
+            return generate_tokens(self.client._client_step(generation), generation)
         request = _validate("-", max_new_tokens=max_tokens, temperature=0.0, top_k=0, top_p=1.0,
                             repetition_penalty=1.0, stop=(), seed=0, stream=True, mode="server",
                             return_logprobs=False)
@@ -798,6 +797,7 @@ class ServedModel:
     max_sequences: int
     threads: int  # the gpt model's ONNX Runtime intra-op threads (0 in the config: physical cores)
     manifest: dict[str, Any] = field(default_factory=dict)
+    inflight_batching: bool = False  # `gpt` is decoupled: steps go over gRPC streams
 
     @property
     def name(self) -> str:
@@ -843,6 +843,7 @@ def read_repository(repository: Path | str) -> ServedModel:
         max_sequences=int(params["max_sequences"]),
         threads=threads,
         manifest=manifest,
+        inflight_batching=configs[tensors.GPT_MODEL].model_transaction_policy.decoupled,
     )
 
 
@@ -1171,8 +1172,10 @@ def context_itl(generate: Generator, *, vocab_size: int, prompt_lengths: Sequenc
     return out
 
 
-def run_perf_analyzer(url: str, out_dir: Path, *, script: Path, n_positions: int, vocab_size: int) -> dict[str, Any]:
-    """perf_analyzer on the stateful `gpt` model (sequences) and the streaming `generate` model.
+def run_perf_analyzer(url: str, out_dir: Path, *, script: Path, n_positions: int, vocab_size: int,
+                      inflight_batching: bool = False) -> dict[str, Any]:
+    """perf_analyzer on the stateful `gpt` model (sequences; over gRPC streams when it is
+    decoupled, i.e. in-flight batching) and the streaming `generate` model.
 
     Its output goes to out_dir/perf_analyzer_<model>.{log,csv}; a failure is reported, not raised."""
     import subprocess
@@ -1192,7 +1195,8 @@ def run_perf_analyzer(url: str, out_dir: Path, *, script: Path, n_positions: int
     runs = {
         # each sequence: a one-token prompt (zeros), then steps, 16 requests per sequence
         "gpt": ["-m", "gpt", "--sequence-length", "16", "--sequence-id-range", "1:1000000",
-                "--input-data", "zero", "--shape", "input_ids:1", "--concurrency-range", "1:4:3"],
+                "--input-data", "zero", "--shape", "input_ids:1", "--concurrency-range", "1:4:3",
+                *(["--streaming"] if inflight_batching else [])],
         "generate": ["-m", "generate", "--streaming", "--input-data", str(data), "--concurrency-range", "1:2"],
     }
     for model, args in runs.items():
@@ -1424,7 +1428,7 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
             progress.start("perf_analyzer: gpt (sequences), generate (streaming)", 1)
             report["perf_analyzer"] = run_perf_analyzer(
                 url, out_dir, script=_project_root() / "scripts" / "perf_analyzer.sh",
-                n_positions=fp32.config["n_positions"], vocab_size=vocab)
+                n_positions=fp32.config["n_positions"], vocab_size=vocab, inflight_batching=fp32.inflight_batching)
             progress.advance()
         # baselines on the fp32 weights, each request paired with a served one (the server is
         # idle while a baseline runs, and vice versa)

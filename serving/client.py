@@ -84,7 +84,7 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
 # END-only steps of a finished or failed sequence: short, nobody waits for their answer.
 RELEASE_TIMEOUT_S = 5.0
-_LOGITS = tensors.GPT_OUTPUTS[0]
+_LOGITS, _OUTPUT_IDS = tensors.GPT_OUTPUTS
 _INPUT_IDS = tensors.GPT_INPUTS[0]
 
 
@@ -248,17 +248,24 @@ def _validate(prompt: Any, *, max_new_tokens: Any, temperature: Any, top_k: Any,
 # ---------------------------------------------------------------------------- gRPC step
 
 
+def _step_output(argmax: bool):
+    """The `gpt` output a step asks for: the greedy token id (argmax-only generations on a
+    server that has it) or the logits."""
+    return _OUTPUT_IDS if argmax else _LOGITS
+
+
 class _StepRequest:
     """The one ModelInferRequest of a sequence, reused for every step of it."""
 
-    def __init__(self, model: str, correlation_id: int) -> None:
+    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False) -> None:
         from tritonclient.grpc import service_pb2
 
         req = service_pb2.ModelInferRequest(model_name=model)
         tensor = req.inputs.add()
         tensor.name, tensor.datatype = _INPUT_IDS.name, _INPUT_IDS.datatype
         tensor.shape.extend([1, 1])  # (1, T): one sequence per request
-        req.outputs.add().name = _LOGITS.name
+        self.output = _step_output(argmax)
+        req.outputs.add().name = self.output.name
         req.parameters["sequence_id"].int64_param = correlation_id
         self._start = req.parameters["sequence_start"]
         self._end = req.parameters["sequence_end"]
@@ -274,10 +281,47 @@ class _StepRequest:
         return self.request
 
 
-def _logits_from_response(response) -> np.ndarray:
-    if not response.raw_output_contents:
-        raise ServerError(f"the {tensors.GPT_MODEL} model answered without {_LOGITS.name}")
-    return np.frombuffer(response.raw_output_contents[0], dtype=np.dtype(_LOGITS.dtype))  # (V,)
+    def output_of(self, response) -> np.ndarray:
+        """The logits (V,), or the greedy token id (1,)."""
+        if not response.raw_output_contents:
+            raise ServerError(f"the {tensors.GPT_MODEL} model answered without {self.output.name}")
+        return np.frombuffer(response.raw_output_contents[0], dtype=np.dtype(self.output.dtype))
+
+
+@dataclass(frozen=True)
+class _StepModel:
+    """What the client-side loop needs to know of the server's step model."""
+
+    outputs: frozenset[str]
+    decoupled: bool  # in-flight batching: steps go over a gRPC stream
+
+
+def _grpc_step_model(response) -> _StepModel:
+    config = response.config
+    return _StepModel(frozenset(o.name for o in config.output), bool(config.model_transaction_policy.decoupled))
+
+
+def _http_step_model(config: dict) -> _StepModel:
+    return _StepModel(frozenset(o["name"] for o in config.get("output", [])),
+                      bool(config.get("model_transaction_policy", {}).get("decoupled", False)))
+
+
+class _LoopThread:
+    """An asyncio event loop in a daemon thread: the blocking client runs its gRPC streams
+    (steps of a decoupled `gpt`) on it, all sequences on one loop, with a timeout per step."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="gptpipe-grpc-streams", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
 
 
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -295,9 +339,15 @@ class _GrpcTransport:
         self.url, self.model, self.timeout = url, model, timeout
         self._channel = grpc.insecure_channel(url, options=_CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._streams: Optional[tuple[_LoopThread, _AsyncGrpcTransport]] = None
+        self._streams_lock = threading.Lock()
 
-    def sequence(self, correlation_id: int):
-        request = _StepRequest(self.model, correlation_id)
+    def sequence(self, correlation_id: int, *, argmax: bool = False, stream: bool = False):
+        """step(tokens, start=, end=) -> the logits (V,), or with argmax the greedy token id (1,).
+        stream: over a gRPC stream (a decoupled `gpt`), else one ModelInfer call per step."""
+        if stream:
+            return self._streamed_sequence(correlation_id, argmax=argmax)
+        request = _StepRequest(self.model, correlation_id, argmax=argmax)
         infer = self._stub.ModelInfer
         unreachable = False  # after a lost server, the END-only step gets a short timeout
 
@@ -310,9 +360,30 @@ class _GrpcTransport:
                 error = _grpc_error(e, self.url, timeout, start=start)
                 unreachable = isinstance(error, ServerUnavailableError)
                 raise error from None
-            return _logits_from_response(response)
+            return request.output_of(response)
 
         return step
+
+    def _streamed_sequence(self, correlation_id: int, *, argmax: bool):
+        with self._streams_lock:
+            if self._streams is None:
+                self._streams = (_LoopThread(), _AsyncGrpcTransport(self.url, self.model, self.timeout))
+        loop, transport = self._streams
+        astep = transport.sequence(correlation_id, argmax=argmax, stream=True)
+
+        def step(tokens: Sequence[int], *, start: bool, end: bool) -> np.ndarray:
+            return loop.run(astep(tokens, start=start, end=end))
+
+        return step
+
+    def step_model(self, model: str) -> _StepModel:
+        from tritonclient.grpc import service_pb2
+
+        try:
+            response = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.timeout)
+        except Exception as e:  # grpc.RpcError
+            raise _grpc_error(e, self.url, self.timeout) from None
+        return _grpc_step_model(response)
 
     def infer_bytes(self, model: str, outputs: Sequence[str]) -> dict[str, bytes]:
         import tritonclient.grpc as grpcclient
@@ -329,6 +400,10 @@ class _GrpcTransport:
 
     def close(self) -> None:
         self._channel.close()
+        if self._streams is not None:
+            loop, transport = self._streams
+            loop.run(transport.close())
+            loop.close()
 
 
 class _HttpTransport:
@@ -354,10 +429,12 @@ class _HttpTransport:
                 self._clients.append(client)
         return client
 
-    def sequence(self, correlation_id: int):
+    def sequence(self, correlation_id: int, *, argmax: bool = False, stream: bool = False):
         import tritonclient.http as httpclient
 
-        output = httpclient.InferRequestedOutput(_LOGITS.name, binary_data=True)
+        _no_http_stream(stream)
+        spec = _step_output(argmax)
+        output = httpclient.InferRequestedOutput(spec.name, binary_data=True)
 
         def step(tokens: Sequence[int], *, start: bool, end: bool) -> np.ndarray:
             ids = np.asarray(tokens, dtype=np.int64)[None, :]  # (1, T)
@@ -368,9 +445,16 @@ class _HttpTransport:
                                               sequence_start=start, sequence_end=end)
             except Exception as e:
                 raise _tritonclient_error(e, self.url, "http") from None
-            return result.as_numpy(_LOGITS.name)[0]  # (V,)
+            return result.as_numpy(spec.name)[0]  # (V,) or (1,)
 
         return step
+
+    def step_model(self, model: str) -> _StepModel:
+        try:
+            config = self._client().get_model_config(model)
+        except Exception as e:
+            raise _tritonclient_error(e, self.url, "http") from None
+        return _http_step_model(config)
 
     def infer_bytes(self, model: str, outputs: Sequence[str]) -> dict[str, bytes]:
         import tritonclient.http as httpclient
@@ -389,6 +473,14 @@ class _HttpTransport:
                 except Exception:  # noqa: BLE001 - closing a client of another thread's hub
                     pass
             self._clients.clear()
+
+
+def _no_http_stream(stream: bool) -> None:
+    if stream:
+        raise InvalidParameterError(
+            "mode='client' over HTTP needs a `gpt` model without in-flight batching: this server's is "
+            "decoupled (steps go over gRPC streams). Use protocol='grpc', or mode='server', or export "
+            "with --no-inflight-batching")
 
 
 # ---------------------------------------------------------------------------- server mode
@@ -648,6 +740,7 @@ class _ClientBase:
         self._tokenizer: Optional[Tokenizer] = None
         self._config: Optional[GenerationConfig] = None
         self._setup_lock = threading.Lock()
+        self._step_model: Optional[_StepModel] = None  # the server's `gpt`: asked once, on first use
 
     def _local_tokenizer(self) -> tuple[Optional[Tokenizer], Optional[GenerationConfig]]:
         path = self._tokenizer_path
@@ -678,6 +771,16 @@ class _ClientBase:
                     raise
                 raise type(e)(f"prompt[{i}]: {e}") from None
         return out
+
+    def _sequence(self, generation: Generation):
+        """The step function of one client-side generation. It asks `gpt` for the greedy token
+        id instead of the logits when the logits would give nothing else (``argmax_only``) and
+        the step model has that output (a repository exported before gptpipe added it does
+        not); it steps over a gRPC stream when the step model is decoupled (in-flight batching)."""
+        assert self._step_model is not None
+        model = self._step_model
+        argmax = generation.argmax_only and _OUTPUT_IDS.name in model.outputs
+        return self._transport.sequence(_new_correlation_id(), argmax=argmax, stream=model.decoupled)
 
     def _slots(self) -> int:
         """Sequences one call runs at once: more than the server's slots would only be refused."""
@@ -810,8 +913,12 @@ class Client(_ClientBase):
             inputs = _generate_inputs(generation, request)
             run = _grpc_server_events if self.protocol == "grpc" else _http_server_events
             return run(self.url, self.generate_model, inputs, self.timeout_s)
-        step = self._with_busy_retry(self._transport.sequence(_new_correlation_id()))
-        return generate_tokens(step, generation)
+        return generate_tokens(self._with_busy_retry(self._client_step(generation)), generation)
+
+    def _client_step(self, generation: Generation):
+        if self._step_model is None:
+            self._step_model = self._transport.step_model(self.model)
+        return self._sequence(generation)
 
     def _run_many(self, generations: list[Generation], request: _Request) -> list[GenerationResult]:
         cancel = threading.Event()
@@ -858,8 +965,10 @@ class _AsyncGrpcTransport:
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
-    def sequence(self, correlation_id: int):
-        request = _StepRequest(self.model, correlation_id)
+    def sequence(self, correlation_id: int, *, argmax: bool = False, stream: bool = False):
+        if stream:
+            return self._streamed_sequence(correlation_id, argmax=argmax)
+        request = _StepRequest(self.model, correlation_id, argmax=argmax)
         unreachable = False
 
         async def step(tokens: Sequence[int], *, start: bool, end: bool) -> np.ndarray:
@@ -871,9 +980,57 @@ class _AsyncGrpcTransport:
                 error = _grpc_error(e, self.url, timeout, start=start)
                 unreachable = isinstance(error, ServerUnavailableError)
                 raise error from None
-            return _logits_from_response(response)
+            return request.output_of(response)
 
         return step
+
+    def _streamed_sequence(self, correlation_id: int, *, argmax: bool):
+        """The steps of one sequence over one ModelStreamInfer stream (a decoupled `gpt`: its
+        in-flight batching answers each step on the stream). The stream closes after END."""
+        request = _StepRequest(self.model, correlation_id, argmax=argmax)
+        call = None
+        unreachable = False
+
+        async def step(tokens: Sequence[int], *, start: bool, end: bool) -> np.ndarray:
+            nonlocal call, unreachable
+            timeout = min(RELEASE_TIMEOUT_S, self.timeout) if unreachable else self.timeout
+            if call is None:
+                call = self._ensure().ModelStreamInfer()
+            try:
+                await call.write(request.set(tokens, start=start, end=end))
+                response = await asyncio.wait_for(call.read(), timeout)
+                if response is None or response is _grpc_eof():
+                    raise ServerError(f"the {self.model} stream ended without an answer")
+            except BaseException as e:
+                call.cancel()
+                call = None
+                if isinstance(e, asyncio.TimeoutError):
+                    error: BaseException = ServerUnavailableError(
+                        f"no answer from the Triton server at {self.url} (grpc) within {timeout} s")
+                elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
+                    error = _grpc_error(e, self.url, timeout, start=start)
+                else:
+                    raise
+                unreachable = isinstance(error, ServerUnavailableError)
+                raise error from None
+            if end:  # the sequence is over: close the stream
+                await call.done_writing()
+                call = None
+            if response.error_message:
+                raise error_from_message(response.error_message)
+            return request.output_of(response.infer_response)
+
+        return step
+
+    async def step_model(self, model: str) -> _StepModel:
+        from tritonclient.grpc import service_pb2
+
+        try:
+            response = await self._ensure().ModelConfig(service_pb2.ModelConfigRequest(name=model),
+                                                        timeout=self.timeout)
+        except Exception as e:
+            raise _grpc_error(e, self.url, self.timeout) from None
+        return _grpc_step_model(response)
 
     async def infer_bytes(self, model: str, outputs: Sequence[str]) -> dict[str, bytes]:
         from tritonclient.grpc import InferResult, service_pb2
@@ -960,10 +1117,12 @@ class _AsyncHttpTransport:
             self._client = aiohttpclient.InferenceServerClient(self.url, conn_timeout=self.timeout)
         return self._client
 
-    def sequence(self, correlation_id: int):
+    def sequence(self, correlation_id: int, *, argmax: bool = False, stream: bool = False):
         import tritonclient.http.aio as aiohttpclient
 
-        output = aiohttpclient.InferRequestedOutput(_LOGITS.name, binary_data=True)
+        _no_http_stream(stream)
+        spec = _step_output(argmax)
+        output = aiohttpclient.InferRequestedOutput(spec.name, binary_data=True)
 
         async def step(tokens: Sequence[int], *, start: bool, end: bool) -> np.ndarray:
             ids = np.asarray(tokens, dtype=np.int64)[None, :]  # (1, T)
@@ -979,9 +1138,19 @@ class _AsyncHttpTransport:
                                              f"within {self.timeout} s") from None
             except Exception as e:
                 raise _tritonclient_error(e, self.url, "http") from None
-            return result.as_numpy(_LOGITS.name)[0]
+            return result.as_numpy(spec.name)[0]
 
         return step
+
+    async def step_model(self, model: str) -> _StepModel:
+        try:
+            config = await asyncio.wait_for(self._ensure().get_model_config(model), self.timeout)
+        except asyncio.TimeoutError:
+            raise ServerUnavailableError(f"no answer from the Triton server at {self.url} (http) "
+                                         f"within {self.timeout} s") from None
+        except Exception as e:
+            raise _tritonclient_error(e, self.url, "http") from None
+        return _http_step_model(config)
 
     async def infer_bytes(self, model: str, outputs: Sequence[str]) -> dict[str, bytes]:
         import tritonclient.http.aio as aiohttpclient
@@ -1060,9 +1229,15 @@ class AsyncClient(_ClientBase):
             return AsyncTextStreamIterator(self._stream_events(request), return_logprobs=request.return_logprobs)
         return self._generate(request)
 
+    async def _check_step_model(self, request: _Request) -> None:
+        if request.mode == "client" and self._step_model is None:
+            self._step_model = await self._transport.step_model(self.model)
+
     async def _stream_events(self, request: _Request) -> AsyncIterator[TokenEvent]:
         await self.setup()
-        events = self._events(self._generations(request)[0], request)
+        generations = self._generations(request)
+        await self._check_step_model(request)
+        events = self._events(generations[0], request)
         try:
             async for event in events:
                 yield event
@@ -1072,6 +1247,7 @@ class AsyncClient(_ClientBase):
     async def _generate(self, request: _Request):
         await self.setup()
         generations = self._generations(request)
+        await self._check_step_model(request)
 
         async def run_one(generation: Generation) -> GenerationResult:
             events = self._events(generation, request)
@@ -1092,7 +1268,7 @@ class AsyncClient(_ClientBase):
     def _events(self, generation: Generation, request: _Request) -> AsyncIterator[TokenEvent]:
         if request.mode == "server":
             return self._transport.server_events(self.generate_model, _generate_inputs(generation, request))
-        step = self._transport.sequence(_new_correlation_id())
+        step = self._sequence(generation)
         if self.queue_timeout > 0:
             step = self._async_busy_retry(step)
         return agenerate_tokens(step, generation)

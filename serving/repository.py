@@ -49,6 +49,15 @@ class ServingOptions:
     # concurrency 8 (3.9 vs 4.3 steps per call): Triton counts the delay from the oldest queued
     # request, which has waited a whole engine call already. Raise it for bursty arrivals.
     max_queue_delay_microseconds: int = 0
+    # In-flight batching (the default): `gpt` is a decoupled model with its own batching thread,
+    # which waits up to max_step_wait_microseconds for every sequence of its previous engine call
+    # to send its next step, so concurrent client-side streams step together in one call (see
+    # serving/templates/gpt/1/model.py). Clients step it over gRPC streams. Off: the plain
+    # request/response model (HTTP client-side loops, other clients, perf_analyzer without
+    # --streaming). Measured (gpt2 shape, 2 cores, 8 streams): 8.0 rows per engine call with it,
+    # 4.3 without.
+    inflight_batching: bool = True
+    max_step_wait_microseconds: int = 5000
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
     generate_instances: int = 1
 
@@ -59,6 +68,8 @@ class ServingOptions:
             raise RepositoryError("max_sequence_idle_microseconds must be >= 1")
         if self.max_queue_delay_microseconds < 0:
             raise RepositoryError("max_queue_delay_microseconds must be >= 0")
+        if self.max_step_wait_microseconds < 0:
+            raise RepositoryError("max_step_wait_microseconds must be >= 0")
 
 
 def io_section(kind: str, specs: Sequence[TensorSpec], sizes: dict[str, int]) -> str:
@@ -123,6 +134,9 @@ def write_repository(
             max_candidate_sequences=4 * options.max_sequences,
             max_sequence_idle_microseconds=options.max_sequence_idle_microseconds,
             max_queue_delay_microseconds=options.max_queue_delay_microseconds,
+            transaction_policy="model_transaction_policy { decoupled: true }" if options.inflight_batching
+            else "# model_transaction_policy { decoupled: true } for in-flight batching",
+            max_step_wait_microseconds=options.max_step_wait_microseconds,
             intra_op_threads=options.intra_op_threads,
             engine_file=Path(engine_file).name,
             model_config_json=model_config_json,
@@ -146,6 +160,7 @@ def write_repository(
         "n_positions": model_config["n_positions"],
         "vocab_size": model_config["vocab_size"],
         "max_sequences": options.max_sequences,
+        "inflight_batching": options.inflight_batching,  # `gpt` is decoupled: step it over a stream
     }
     (tok_version / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     validate_repository(out_dir)

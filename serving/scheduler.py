@@ -14,6 +14,7 @@ A slot is freed on END, when the sequence idles out, and when its request fails.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -80,6 +81,10 @@ class Scheduler:
     @property
     def active(self) -> int:
         return len(self._sequences)
+
+    def sequence_ids(self) -> set[int]:
+        """The sequences holding a slot."""
+        return set(self._sequences)
 
     @property
     def free_slots(self) -> int:
@@ -201,3 +206,56 @@ class Scheduler:
             self._release(sid, failed=False)
             self.stats.sequences_ended -= 1
             self.stats.sequences_idled_out += 1
+
+
+class StepQueue:
+    """The queue of the in-flight batcher (the decoupled `gpt`): `execute` puts each step with
+    its sequence id; the engine thread takes the next batch with :meth:`gather`.
+
+    gather(cohort) takes what is queued and then waits, at most ``wait_s`` from the batch's
+    first step, for the sequences of `cohort` (those of the previous engine call that are still
+    active) that have not sent their next step yet. Concurrent streams therefore step together
+    in one engine call; a stream that does not come back in time (its client is busy elsewhere)
+    only drops out of the next cohort.
+    """
+
+    def __init__(self, wait_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if wait_s < 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s}")
+        self.wait_s = wait_s
+        self._clock = clock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, sequence_id: Optional[int], item: object) -> None:
+        self._queue.put((sequence_id, item))
+
+    def close(self) -> None:
+        """gather() returns what is queued, then an empty batch."""
+        self._queue.put(None)
+
+    def gather(self, cohort: set[int]) -> tuple[list, set[int]]:
+        """The next batch's items and their sequence ids; blocks for the first item. An empty
+        batch: the queue was closed."""
+        first = self._queue.get()
+        if first is None:
+            return [], set()
+        items, ids = [first[1]], {first[0]}
+        deadline = self._clock() + self.wait_s
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - self._clock()
+                if remaining <= 0 or not (cohort - ids):
+                    break
+                try:
+                    entry = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if entry is None:
+                self._queue.put(None)  # closed: the next gather() returns nothing
+                break
+            items.append(entry[1])
+            ids.add(entry[0])
+        ids.discard(None)
+        return items, ids

@@ -86,24 +86,48 @@ class Served:
         return metric(self.server, "gptpipe_kv_active_sequences")
 
 
+def _serve_tiny(tiny_export, tmp_path_factory, name: str, **options):
+    from serving.repository import ServingOptions, write_repository
+    from tests.triton_fixtures import start_server
+
+    model, tokenizer, onnx_path = tiny_export
+    repository = write_repository(tmp_path_factory.mktemp(name) / "repo", engine_file=onnx_path,
+                                  tokenizer_json=tokenizer.to_str(), model_config=model.config.to_dict(),
+                                  options=ServingOptions(max_sequences=8, **options))
+    return Served(model, tokenizer, repository, start_server(repository))
+
+
 @pytest.fixture(scope="session")
 def served_session(tiny_export, tmp_path_factory):
-    """One real tritonserver for the session, serving the tiny export (8 KV slots).
+    """One real tritonserver for the session, serving the tiny export (8 KV slots) with the plain
+    request/response `gpt` (in-flight batching off): the tests that call `gpt` with
+    tritonclient's infer() directly, and the HTTP client-side loop, need that flavour.
 
     With a 2 ms batching window: a tiny-model step takes well under a millisecond, so without
     one, concurrent clients' steps rarely meet in Triton's queue and the batching tests would
     depend on timing luck. (The default window is 0, measured best for real model sizes, where
     steps queue up behind a running engine call; see ServingOptions.)"""
-    from serving.repository import ServingOptions, write_repository
-    from tests.triton_fixtures import start_server
+    served = _serve_tiny(tiny_export, tmp_path_factory, "served", inflight_batching=False,
+                         max_queue_delay_microseconds=2000)
+    yield served
+    served.server.stop()
 
-    model, tokenizer, onnx_path = tiny_export
-    repository = write_repository(tmp_path_factory.mktemp("served") / "repo", engine_file=onnx_path,
-                                  tokenizer_json=tokenizer.to_str(), model_config=model.config.to_dict(),
-                                  options=ServingOptions(max_sequences=8, max_queue_delay_microseconds=2000))
-    server = start_server(repository)
-    yield Served(model, tokenizer, repository, server)
-    server.stop()
+
+@pytest.fixture(scope="session")
+def inflight_session(tiny_export, tmp_path_factory):
+    """A second real tritonserver: the tiny export with the default serving options, i.e. a
+    decoupled `gpt` with in-flight batching (tests/test_inflight.py)."""
+    served = _serve_tiny(tiny_export, tmp_path_factory, "inflight")
+    yield served
+    served.server.stop()
+
+
+@pytest.fixture
+def inflight(inflight_session, request):
+    from tests.triton_fixtures import attach_server_log
+
+    attach_server_log(request, inflight_session.server)
+    return inflight_session
 
 
 @pytest.fixture

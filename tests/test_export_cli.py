@@ -113,6 +113,7 @@ def test_interrupted_export_leaves_the_previous_repository_intact(hf_checkpoint,
 @pytest.mark.parametrize("args,message", [
     (["--precision", "fp8"], "--precision must be one of fp32, fp16, int8"),
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["--max-step-wait-us", "-1"], "--max-step-wait-us must be >= 0"),
     (["--opset", "11"], "opset 11 is too old"),
     (["--model", "no-such-model"], "--model no-such-model"),
     (["--model", "tiny-random"], "has no tokenizer; pass --tokenizer"),

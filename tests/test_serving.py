@@ -3,6 +3,7 @@ busy pool, and bad requests (issue: serve on a real Triton Inference Server)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from export.model import generate_greedy
 from serving import tensors
-from serving.repository import ServingOptions, parse_config, write_repository
+from serving.repository import RepositoryError, ServingOptions, parse_config, write_repository
 from tests.conftest import metric, wait_for
 from tests.triton_fixtures import attach_server_log, start_server
 
@@ -53,6 +54,51 @@ def test_server_ready_and_metadata(served):
     gen = client.get_model_config(tensors.GENERATE_MODEL).config
     assert gen.model_transaction_policy.decoupled
     assert [i.name for i in gen.input] == [s.name for s in tensors.GENERATE_INPUTS]
+
+
+def test_the_greedy_token_alone_or_with_the_logits(served):
+    """output_ids is the argmax of the logits (the greedy next token): asked alone it spares the
+    vocab_size floats; asked with nothing named, Triton returns every output."""
+    client = grpcclient.InferenceServerClient(served.server.grpc_url)
+    prompt = served.tokenizer.encode("The return statement")
+    inp = grpcclient.InferInput(tensors.INPUT_IDS, [1, len(prompt)], "INT64")
+    inp.set_data_from_numpy(np.array([prompt], dtype=np.int64))
+    expected = generate_greedy(served.model, prompt, 1)[0]
+    for i, outputs in enumerate(([tensors.OUTPUT_IDS], [tensors.LOGITS, tensors.OUTPUT_IDS], None)):
+        requested = None if outputs is None else [grpcclient.InferRequestedOutput(o) for o in outputs]
+        result = client.infer(tensors.GPT_MODEL, [inp], outputs=requested, sequence_id=7000 + i,
+                              sequence_start=True, sequence_end=True)
+        names = {o.name for o in result.get_response().outputs}
+        assert names == set(outputs or [tensors.LOGITS, tensors.OUTPUT_IDS])
+        ids = result.as_numpy(tensors.OUTPUT_IDS)
+        assert ids.shape == (1, 1) and ids.dtype == np.int64 and int(ids[0, 0]) == expected
+        if tensors.LOGITS in names:
+            assert int(np.argmax(result.as_numpy(tensors.LOGITS)[0])) == expected
+
+
+def test_the_repository_flavours(tmp_path):
+    """In-flight batching (default): a decoupled `gpt` with the wait budget as a parameter, and
+    generation_config.json says so (the generate model and clients read it); off: plain."""
+    for options, decoupled in ((ServingOptions(max_step_wait_microseconds=1234), True),
+                               (ServingOptions(inflight_batching=False), False)):
+        repo = write_repository(tmp_path / str(decoupled), engine_file=_engine_stub(tmp_path), tokenizer_json="{}",
+                                model_config={"n_layer": 1, "n_head": 1, "n_embd": 4, "n_positions": 8,
+                                              "vocab_size": 10, "eos_token_id": 0}, options=options)
+        config = parse_config((repo / tensors.GPT_MODEL / "config.pbtxt").read_text())
+        assert config.model_transaction_policy.decoupled == decoupled
+        assert [o.name for o in config.output] == [tensors.LOGITS, tensors.OUTPUT_IDS]
+        if decoupled:
+            assert config.parameters["max_step_wait_microseconds"].string_value == "1234"
+        generation_config = json.loads((repo / tensors.TOKENIZER_MODEL / "1" / "generation_config.json").read_text())
+        assert generation_config["inflight_batching"] is decoupled
+    with pytest.raises(RepositoryError, match="max_step_wait_microseconds must be >= 0"):
+        ServingOptions(max_step_wait_microseconds=-1)
+
+
+def _engine_stub(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"not a real graph: the repository layout does not read it")
+    return path
 
 
 def test_every_written_config_parses_with_triton_model_config(served):
@@ -136,7 +182,8 @@ def small_pool(tiny_export, tmp_path_factory, request):
     model, tokenizer, onnx_path = tiny_export
     repo = write_repository(root / "repo", engine_file=onnx_path, tokenizer_json=tokenizer.to_str(),
                             model_config=model.config.to_dict(),
-                            options=ServingOptions(max_sequences=2, max_sequence_idle_microseconds=1_500_000))
+                            options=ServingOptions(max_sequences=2, max_sequence_idle_microseconds=1_500_000,
+                                                   inflight_batching=False))
     server = start_server(repo)
     yield server
     server.stop()

@@ -55,6 +55,7 @@ class TritonPythonModel:
         self.eos_token_id = defaults.get("eos_token_id")
         self.n_positions = int(defaults["n_positions"])
         self.vocab_size = int(defaults["vocab_size"])
+        self.gpt_decoupled = bool(defaults.get("inflight_batching", False))
         self.pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="generate")
         logger.info("generate: n_positions=%d vocab_size=%d eos=%s", self.n_positions, self.vocab_size,
                     self.eos_token_id)
@@ -90,7 +91,8 @@ class TritonPythonModel:
         stream = bool(_scalar(request, "stream", False))
         generation = self._parse(request)
         return_logprobs = generation.return_logprobs
-        step = _BlsStep(correlation_id=secrets.randbits(63) + 1)  # 0 means "no sequence"
+        step = _BlsStep(correlation_id=secrets.randbits(63) + 1,  # 0 means "no sequence"
+                        argmax=generation.argmax_only, decoupled=self.gpt_decoupled)
         ids, logprobs, text = [], [], []
         events = generate_tokens(step, generation)
         try:
@@ -160,10 +162,24 @@ class TritonPythonModel:
 
 
 class _BlsStep:
-    """step(tokens, start=, end=) -> logits (V,) through a BLS call into `gpt`."""
+    """step(tokens, start=, end=) -> logits (V,) through a BLS call into `gpt`; with argmax,
+    the greedy token id (1,) instead (the `gpt` of this repository has that output)."""
 
-    def __init__(self, *, correlation_id):
+    def __init__(self, *, correlation_id, argmax=False, decoupled=False):
         self.correlation_id = correlation_id
+        self.output = tensors.OUTPUT_IDS if argmax else tensors.LOGITS
+        self.decoupled = decoupled  # `gpt` batches in flight: its one answer comes as a stream
+
+    def _exec(self, request):
+        if not self.decoupled:
+            return request.exec()
+        answer = None
+        for response in request.exec(decoupled=True):  # one response (FINAL), then the stream ends
+            if answer is None and (response.has_error() or response.output_tensors()):
+                answer = response
+        if answer is None:
+            raise RuntimeError(f"{tensors.GPT_MODEL} answered no response")
+        return answer
 
     def __call__(self, tokens, *, start, end):
         flags = 0
@@ -175,15 +191,15 @@ class _BlsStep:
         request = pb_utils.InferenceRequest(
             model_name=tensors.GPT_MODEL,
             inputs=[pb_utils.Tensor(tensors.INPUT_IDS, ids)],
-            requested_output_names=[tensors.LOGITS],
+            requested_output_names=[self.output],
             correlation_id=self.correlation_id,
             flags=flags,
         )
         deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
         while True:
-            response = request.exec()
+            response = self._exec(request)
             if not response.has_error():
-                return pb_utils.get_output_tensor_by_name(response, tensors.LOGITS).as_numpy()[0]  # (V,)
+                return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()[0]  # (V,) or (1,)
             message = response.error().message()
             busy = message.startswith("server busy")
             if busy and start and time.monotonic() + delay < deadline:

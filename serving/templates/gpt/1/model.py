@@ -3,10 +3,23 @@
 Triton's sequence batcher hands `execute` the steps of many sequences at once (START/END/CORRID
 control inputs per request); the scheduler runs them through one ONNX Runtime engine and one
 preallocated KV pool. The pool's use is exported as custom metrics on Triton's metrics port.
+
+Two flavours, chosen by the config's transaction policy:
+
+* plain (the default): `execute` runs the steps it is given and returns their responses. Steps
+  that arrive while it runs form the next batch, so concurrent streams settle into groups that
+  take turns on the engine (Triton's batching window counts from the oldest queued step, which
+  has waited a whole engine call already, and so never merges them).
+* decoupled, "in-flight batching" (as TensorRT-LLM's batch manager): `execute` queues each step
+  with its response sender and returns; one thread runs the engine. Before each call it waits,
+  up to `max_step_wait_microseconds`, for every sequence of the previous call that is still
+  active to send its next step, so N concurrent streams step together in one call. Clients
+  reach a decoupled model over a gRPC stream (the gptpipe client does this by itself).
 """
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +28,8 @@ import triton_python_backend_utils as pb_utils
 from serving import tensors
 from serving.kv_cache import KVPool
 from serving.runtime import load_runtime
-from serving.scheduler import Scheduler, StepRequest
+from serving.sampling import greedy_token
+from serving.scheduler import Scheduler, StepQueue, StepRequest
 
 logger = logging.getLogger("gptpipe.triton.gpt")
 
@@ -40,26 +54,92 @@ class TritonPythonModel:
         self.scheduler = Scheduler(self.runtime, self.pool, vocab_size=model_config["vocab_size"],
                                    idle_timeout_s=idle_us / 1e6)
         self._init_metrics(config["name"])
-        logger.info("gpt: %d slots x %d positions, KV pool %.1f MiB", self.pool.max_sequences,
-                    self.pool.max_length, self.pool.nbytes / 2**20)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        if self.decoupled:
+            self._queue = StepQueue(int(params.get("max_step_wait_microseconds") or 0) / 1e6)
+            self._thread = threading.Thread(target=self._loop, name="gpt-inflight", daemon=True)
+            self._thread.start()
+        logger.info("gpt: %d slots x %d positions, KV pool %.1f MiB%s", self.pool.max_sequences,
+                    self.pool.max_length, self.pool.nbytes / 2**20,
+                    f", in-flight batching (wait <= {self._queue.wait_s * 1e3:g} ms)" if self.decoupled else "")
 
     def execute(self, requests):
+        if not self.decoupled:
+            return self._run(requests)
+        for request in requests:
+            self._queue.put(self._sequence_id(request), (request, request.get_response_sender()))
+        return None
+
+    def finalize(self):
+        if self.decoupled:
+            self._queue.close()
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ in-flight batching
+
+    def _loop(self):
+        cohort = set()  # sequences of the last call that are still active: worth waiting for
+        while True:
+            batch, ids = self._queue.gather(cohort)
+            if not batch:
+                return
+            requests, senders = zip(*batch)
+            try:
+                responses = self._run(requests)
+            except Exception as e:  # noqa: BLE001 - the thread must keep serving
+                logger.exception("gpt step failed")
+                error = pb_utils.TritonError(f"gpt step failed: {e}")
+                responses = [pb_utils.InferenceResponse(error=error) for _ in requests]
+            for sender, response in zip(senders, responses):
+                try:
+                    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:  # noqa: BLE001 - e.g. the client went away
+                    logger.exception("could not send a gpt response")
+            cohort = self.scheduler.sequence_ids() & ids
+
+    @staticmethod
+    def _sequence_id(request):
+        tensor = pb_utils.get_input_tensor_by_name(request, tensors.CONTROL_CORRID)
+        return None if tensor is None else int(tensor.as_numpy().reshape(-1)[0])
+
+    # ------------------------------------------------------------------ one batch
+
+    def _run(self, requests):
+        """Run one batch of steps; their responses, in order."""
         steps = [self._parse(request) for request in requests]
         valid = [s for s in steps if not isinstance(s, str)]
         results = iter(self.scheduler.step(valid))
         responses = []
-        for step in steps:
+        for request, step in zip(requests, steps):
             result = None if isinstance(step, str) else next(results)
             error = step if isinstance(step, str) else result.error
+            outputs = None
+            if error is None:
+                try:
+                    outputs = self._outputs(request, result.logits)
+                except ValueError as e:  # the argmax of NaN logits: the engine's fault
+                    error = f"engine error: {e}"
             if error is not None:
                 code = (pb_utils.TritonError.UNAVAILABLE if error.startswith("server busy")
                         else pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error, code)))
             else:
-                logits = pb_utils.Tensor(tensors.LOGITS, result.logits[None, :])  # (1, V)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[logits]))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         self._update_metrics(len(requests))
         return responses
+
+    @staticmethod
+    def _outputs(request, logits):
+        """The outputs the request asked for (Triton lists all of them when it named none):
+        the logits (1, V), and/or the greedy token (1, 1), which spares a greedy client the
+        vocab_size floats per step."""
+        outputs = []
+        for name in request.requested_output_names():
+            if name == tensors.LOGITS:
+                outputs.append(pb_utils.Tensor(name, logits[None, :]))
+            elif name == tensors.OUTPUT_IDS:
+                outputs.append(pb_utils.Tensor(name, np.array([[greedy_token(logits)]], dtype=np.int64)))
+        return outputs
 
     @staticmethod
     def _parse(request):
