@@ -59,6 +59,7 @@ class ServingOptions:
     inflight_batching: bool = True
     max_step_wait_microseconds: int = 5000
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
+    intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.runtime.session_options
     generate_instances: int = 1
 
     def __post_init__(self) -> None:
@@ -138,6 +139,7 @@ def write_repository(
             else "# model_transaction_policy { decoupled: true } for in-flight batching",
             max_step_wait_microseconds=options.max_step_wait_microseconds,
             intra_op_threads=options.intra_op_threads,
+            intra_op_spinning=int(options.intra_op_spinning),
             engine_file=Path(engine_file).name,
             model_config_json=model_config_json,
         ),

@@ -100,6 +100,10 @@ def test_runtime_reads_the_graph(runtime: OrtRuntime, model: GPT) -> None:
     assert runtime.providers[-1] == "CPUExecutionProvider"
     assert runtime.metadata["gptpipe.kv_cache"] == "static"
     assert session_options().intra_op_num_threads == physical_cores()
+    spin = "session.intra_op.allow_spinning"
+    assert session_options(spinning=False).get_session_config_entry(spin) == "0"
+    with pytest.raises(Exception):  # ORT's default (spinning) leaves the entry unset
+        session_options().get_session_config_entry(spin)
 
 
 def test_step_updates_the_pool_in_place(runtime: OrtRuntime, model: GPT) -> None:

@@ -89,6 +89,7 @@ def test_the_repository_flavours(tmp_path):
         assert [o.name for o in config.output] == [tensors.LOGITS, tensors.OUTPUT_IDS]
         if decoupled:
             assert config.parameters["max_step_wait_microseconds"].string_value == "1234"
+        assert config.parameters["intra_op_spinning"].string_value == "0"  # the served engine does not spin
         generation_config = json.loads((repo / tensors.TOKENIZER_MODEL / "1" / "generation_config.json").read_text())
         assert generation_config["inflight_batching"] is decoupled
     with pytest.raises(RepositoryError, match="max_step_wait_microseconds must be >= 0"):

@@ -41,7 +41,9 @@ class TritonPythonModel:
         model_config = json.loads(params["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         threads = int(params.get("intra_op_threads") or 0) or None
-        self.runtime = load_runtime(version_dir / params["engine_file"], intra_op_threads=threads)
+        # spinning workers would take the cores Triton and the clients need between steps
+        spinning = params.get("intra_op_spinning", "0") == "1"
+        self.runtime = load_runtime(version_dir / params["engine_file"], intra_op_threads=threads, spinning=spinning)
         self.pool = KVPool(
             n_layer=model_config["n_layer"],
             n_head=model_config["n_head"],
