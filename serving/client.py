@@ -316,7 +316,12 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:  # e.g. Ctrl-C in the caller: stop the step too (it drops its stream)
+            future.cancel()
+            raise
 
     def close(self) -> None:
         if self.loop.is_running():

@@ -6,15 +6,16 @@ preallocated KV pool. The pool's use is exported as custom metrics on Triton's m
 
 Two flavours, chosen by the config's transaction policy:
 
-* plain (the default): `execute` runs the steps it is given and returns their responses. Steps
-  that arrive while it runs form the next batch, so concurrent streams settle into groups that
-  take turns on the engine (Triton's batching window counts from the oldest queued step, which
-  has waited a whole engine call already, and so never merges them).
-* decoupled, "in-flight batching" (as TensorRT-LLM's batch manager): `execute` queues each step
-  with its response sender and returns; one thread runs the engine. Before each call it waits,
-  up to `max_step_wait_microseconds`, for every sequence of the previous call that is still
-  active to send its next step, so N concurrent streams step together in one call. Clients
-  reach a decoupled model over a gRPC stream (the gptpipe client does this by itself).
+* plain (`export-model --no-inflight-batching`): `execute` runs the steps it is given and
+  returns their responses. Steps that arrive while it runs form the next batch, so concurrent
+  streams settle into groups that take turns on the engine (Triton's batching window counts
+  from the oldest queued step, which has waited a whole engine call already, and so never
+  merges them).
+* decoupled, "in-flight batching" (the default; as TensorRT-LLM's batch manager): `execute`
+  queues each step with its response sender and returns; one thread runs the engine. Before
+  each call it waits, up to `max_step_wait_microseconds`, for every sequence of the previous
+  call that is still active to send its next step, so N concurrent streams step together in one
+  call. Clients reach a decoupled model over a gRPC stream (the gptpipe client does this itself).
 """
 
 import json
