@@ -540,7 +540,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                  str(b["runtime_calls"]), _fmt(b["steps_per_runtime_call"], 2)] for c, b in report["batching"].items()]
         out += _table(["concurrency", "step requests", "Triton executions", "requests/execution",
                        "ORT calls", "steps/ORT call"], rows)
-    for title, key in (("Context length", "context_itl"), ("Server", "server"), ("int8", "int8")):
+    for title, key in (("8 streams vs 1, adjacent runs", "aggregate_pairs"), ("Context length", "context_itl"),
+                       ("Server", "server"), ("int8", "int8")):
         if report.get(key):
             out += ["", f"## {title}", "", "```json", json.dumps(finite_or_none(report[key]), indent=2), "```"]
     ratios = report.get("ratios")
@@ -953,6 +954,26 @@ def bench_levels(url: str, *, mode: Mode, concurrency: Sequence[int], prompt_tok
     return out
 
 
+def aggregate_pairs(url: str, *, mode: Mode, last_eight: Mapping[str, Any], prompt_tokens: int, output_tokens: int,
+                    requests_for: Callable[[int], int], vocab_size: int,
+                    progress: Progress = NoProgress()) -> dict[str, Any]:
+    """8 streams ÷ 1 stream, aggregate tokens/s, from adjacent runs: right after the levels'
+    8-stream run (`last_eight`), 1, 8 and 1 streams again on the same prompts, giving three
+    ratios of neighbours; the median is the one reported. The levels run 2 and 4 streams between
+    1 and 8, minutes apart, and the machine's speed drifts by tens of percent in that time."""
+    runs = bench_levels(url, mode=mode, concurrency=(1,), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                        requests_for=requests_for, vocab_size=vocab_size, progress=progress, label="pairs")
+    runs += bench_levels(url, mode=mode, concurrency=(8,), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                         requests_for=requests_for, vocab_size=vocab_size, progress=progress, label="pairs")
+    runs += bench_levels(url, mode=mode, concurrency=(1,), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                         requests_for=requests_for, vocab_size=vocab_size, progress=progress, label="pairs")
+    one_a, eight, one_b = (st.aggregate_tokens_per_s for st, _ in runs)
+    ratios = [last_eight["aggregate_tokens_per_s"] / one_a, eight / one_a, eight / one_b]
+    return {"order": ["8 (levels)", "1", "8", "1"],
+            "aggregate_tokens_per_s": [last_eight["aggregate_tokens_per_s"], one_a, eight, one_b],
+            "ratios": ratios, "ratio": float(np.median(ratios))}
+
+
 def _try_scrape(metrics_url: Optional[str]) -> Optional[dict[str, float]]:
     if metrics_url is None:
         return None
@@ -1156,19 +1177,27 @@ PERF_ANALYZER_TIMEOUT_S = 240
 def context_itl(generate: Generator, *, vocab_size: int, prompt_lengths: Sequence[int] = CONTEXT_PROMPTS,
                 steps: int = CONTEXT_STEPS, repeats: int = CONTEXT_REPEATS,
                 progress: Progress = NoProgress(), label: str = "served") -> dict[str, Any]:
-    """ITL p50/mean of decode steps right after prompts of each length (batch 1)."""
+    """ITL p50/mean of decode steps right after prompts of each length (batch 1).
+
+    The lengths take turns (short, long, short, long, ...), and ratio_p50 is the median of the
+    per-turn ratios of the longest to the shortest: the machine's speed drifts by tens of
+    percent within minutes here, and a ratio of two runs minutes apart measured that drift."""
     progress.start(f"{label}: ITL vs context {'/'.join(map(str, prompt_lengths))}", len(prompt_lengths) * repeats)
+    prompts = {n: random_prompts(repeats, n, vocab_size=vocab_size, seed=500 + n) for n in prompt_lengths}
+    timings: dict[int, list[RequestTiming]] = {n: [] for n in prompt_lengths}
+    for r in range(repeats):
+        for n in prompt_lengths:
+            timings[n].append(generate(prompts[n][r], steps))
+            progress.advance()
     out: dict[str, Any] = {}
     for n in prompt_lengths:
-        timings = []
-        for r, prompt in enumerate(random_prompts(repeats, n, vocab_size=vocab_size, seed=500 + n)):
-            timings.append(generate(prompt, steps))
-            progress.advance()
-        itl = np.concatenate([t.itls for t in timings]) * 1e3
+        itl = np.concatenate([t.itls for t in timings[n]]) * 1e3
         out[str(n)] = {"context": n + steps // 2, "itl_ms_p50": percentile(itl, 50), "itl_ms_mean": float(itl.mean()),
                        "itl_ms_p99": percentile(itl, 99), "steps": int(itl.size)}
-    lo, hi = (str(n) for n in (min(prompt_lengths), max(prompt_lengths)))
-    out["ratio_p50"] = out[hi]["itl_ms_p50"] / out[lo]["itl_ms_p50"]
+    lo, hi = min(prompt_lengths), max(prompt_lengths)
+    pairs = [float(np.median(b.itls) / np.median(a.itls)) for a, b in zip(timings[lo], timings[hi])]
+    out["paired_ratios"] = pairs
+    out["ratio_p50"] = float(np.median(pairs))
     return out
 
 
@@ -1418,6 +1447,11 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
                               batching=batching)
         report["levels"] = [st.to_dict() for st, _ in levels]
         save_partial()
+        if 1 in options.concurrency and 8 in options.concurrency:
+            report["aggregate_pairs"] = aggregate_pairs(
+                url, mode=mode, last_eight=_level(report["levels"], 8), prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens, requests_for=options.requests_for, vocab_size=vocab, progress=progress)
+            save_partial()
         gen = ServedGenerator(url, mode=mode)
         try:
             ctx["served"] = context_itl(gen, vocab_size=vocab, progress=progress, label="served fp32")
@@ -1536,8 +1570,8 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "served_vs_ort_inprocess": paired("ort_inprocess"),
         "served_vs_bandwidth_limit": _ratio(served_paired_tps, baselines.get("bandwidth_limit", {}).get("tokens_per_s")),
         "itl_ctx1000_vs_ctx100": ctx["served"]["ratio_p50"],
-        "aggregate_8_vs_1": _ratio(eight["aggregate_tokens_per_s"] if eight else None,
-                                   one["aggregate_tokens_per_s"] if one else None),
+        "aggregate_8_vs_1": report["aggregate_pairs"]["ratio"] if "aggregate_pairs" in report else
+        _ratio(eight["aggregate_tokens_per_s"] if eight else None, one["aggregate_tokens_per_s"] if one else None),
         "int8_vs_fp32": _ratio(int8_one.get("tokens_per_s_per_stream"), served_tps),
         "start_to_ready_s": start_to_ready,
         "rss_vs_weights_kv": _ratio(float(peak_rss), float(fp32.weight_bytes + fp32.kv_pool_bytes)),
@@ -1550,6 +1584,11 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "served request of the same prompt (the server up and idle), and the ratio is the median of the "
         "per-pair ratios, so a slow drift of the machine's speed cancels; served_vs_bandwidth_limit uses the "
         "median served rate of those pairs.",
+        "itl_ctx1000_vs_ctx100: the two prompt lengths take turns (short, long, ...; 3 turns, 16 ITLs each); the "
+        "ratio is the median of the turns' ratios of p50 ITL.",
+        "aggregate_8_vs_1: aggregate tokens/s = all new tokens of a run (prefills included) / its wall time; the "
+        "ratio is the median of three ratios of adjacent runs (aggregate_pairs: the levels' 8-stream run, then "
+        "1, 8 and 1 streams on the same prompts).",
         "int8_greedy_agreement: demo model (trained), free-running greedy continuations of "
         f"{len(AGREEMENT_PROMPTS)} fixed prompts, {AGREEMENT_NEW_TOKENS} new tokens each, position by position, "
         "in the serving engine in process (the served path gives the engine's tokens); the teacher-forced "

@@ -231,3 +231,37 @@ def test_served_tokens_are_the_pytorch_greedy_tokens(tiny_served, request):
             generate.close()
         assert list(t.tokens) == generate_greedy(model, prompt, 12), mode
         assert t.n_tokens == 12 and math.isfinite(t.decode_tokens_per_s)
+
+
+def test_context_itl_interleaves_the_lengths_and_pairs_the_ratio():
+    """A machine that slows down 5% per request, true ratio 1.2: the lengths take turns and the
+    ratio is the median of the turns' ratios, 1.2 x 1.05 (one request's drift); measured one
+    length after the other it would read 1.2 x 1.05^3 = 1.39."""
+    from serving.bench import RequestTiming, context_itl
+
+    calls: list[int] = []
+
+    def generate(prompt, steps):
+        itl = (0.010 if len(prompt) < 500 else 0.012) * 1.05 ** len(calls)
+        calls.append(len(prompt))
+        return RequestTiming(sent=0.0, token_times=tuple(1.0 + itl * i for i in range(steps)), prompt_tokens=len(prompt))
+
+    out = context_itl(generate, vocab_size=100, prompt_lengths=(96, 996), steps=5, repeats=3)
+    assert calls == [96, 996] * 3
+    assert out["paired_ratios"] == pytest.approx([1.2 * 1.05] * 3)
+    assert out["ratio_p50"] == pytest.approx(1.26) and out["96"]["steps"] == out["996"]["steps"] == 12
+
+
+def test_aggregate_pairs_runs_adjacent_levels_on_a_real_server(inflight):
+    """The 8-vs-1 ratio from neighbouring runs (1, 8, 1 streams after the levels' 8): against
+    the tiny model on the in-flight server, so the numbers are real, not judged."""
+    from serving.bench import aggregate_pairs
+
+    out = aggregate_pairs(inflight.server.grpc_url, mode="client", last_eight={"aggregate_tokens_per_s": 100.0},
+                          prompt_tokens=8, output_tokens=6, requests_for=lambda c: c,
+                          vocab_size=inflight.model.config.vocab_size)
+    levels, one_a, eight, one_b = out["aggregate_tokens_per_s"]
+    assert out["order"] == ["8 (levels)", "1", "8", "1"] and levels == 100.0
+    assert min(one_a, eight, one_b) > 0
+    assert out["ratios"] == pytest.approx([100.0 / one_a, eight / one_a, eight / one_b])
+    assert out["ratio"] == pytest.approx(float(np.median(out["ratios"])))
