@@ -961,12 +961,8 @@ def aggregate_pairs(url: str, *, mode: Mode, last_eight: Mapping[str, Any], prom
     8-stream run (`last_eight`), 1, 8 and 1 streams again on the same prompts, giving three
     ratios of neighbours; the median is the one reported. The levels run 2 and 4 streams between
     1 and 8, minutes apart, and the machine's speed drifts by tens of percent in that time."""
-    runs = bench_levels(url, mode=mode, concurrency=(1,), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+    runs = bench_levels(url, mode=mode, concurrency=(1, 8, 1), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                         requests_for=requests_for, vocab_size=vocab_size, progress=progress, label="pairs")
-    runs += bench_levels(url, mode=mode, concurrency=(8,), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                         requests_for=requests_for, vocab_size=vocab_size, progress=progress, label="pairs")
-    runs += bench_levels(url, mode=mode, concurrency=(1,), prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                         requests_for=requests_for, vocab_size=vocab_size, progress=progress, label="pairs")
     one_a, eight, one_b = (st.aggregate_tokens_per_s for st, _ in runs)
     ratios = [last_eight["aggregate_tokens_per_s"] / one_a, eight / one_a, eight / one_b]
     return {"order": ["8 (levels)", "1", "8", "1"],

@@ -1012,6 +1012,7 @@ class _AsyncGrpcTransport:
         """The steps of one sequence over one ModelStreamInfer stream (a decoupled `gpt`: its
         in-flight batching answers each step on the stream). The stream closes after END."""
         request = _StepRequest(self.model, correlation_id, argmax=argmax)
+        eof = _grpc_eof()
         call = None
         unreachable = False
 
@@ -1023,7 +1024,7 @@ class _AsyncGrpcTransport:
             try:
                 await call.write(request.set(tokens, start=start, end=end))
                 response = await asyncio.wait_for(call.read(), timeout)
-                if response is None or response is _grpc_eof():
+                if response is None or response is eof:
                     raise ServerError(f"the {self.model} stream ended without an answer")
             except BaseException as e:
                 call.cancel()

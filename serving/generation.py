@@ -310,7 +310,6 @@ class Generation:
         # the step whose logits give the last token also ends the sequence
         return event, Step((token,), end=n + 1 == self.max_new_tokens)
 
-
     def _server_token(self, output: np.ndarray) -> int:
         if not self.argmax_only:
             raise ValueError("the step answered a token id, but this generation samples from the logits")
@@ -322,7 +321,8 @@ class Generation:
         return token
 
 
-StepFn = Callable[..., np.ndarray]  # step(tokens: Sequence[int], *, start: bool, end: bool) -> logits
+# step(tokens: Sequence[int], *, start: bool, end: bool) -> logits, or the greedy token id (argmax_only)
+StepFn = Callable[..., np.ndarray]
 AsyncStepFn = Callable[..., Awaitable[np.ndarray]]
 
 

@@ -18,15 +18,9 @@ import pytest
 from serving import AsyncClient, Client, GptpipeError, InvalidParameterError, ServerBusyError
 from serving.client import _new_correlation_id
 from tests.conftest import metric, wait_for
+from tests.test_client import PROMPTS as CLIENT_PROMPTS
 
-PROMPTS = [
-    "The quick brown fox",
-    "In Python, a function is",
-    "x",
-    "Exceptions are raised when an error occurs",
-    "def main():",
-    "A list is",
-]
+PROMPTS = [*CLIENT_PROMPTS, "def main():", "A list is"]
 
 
 @pytest.fixture

@@ -67,10 +67,12 @@ class TritonPythonModel:
                     f", in-flight batching (wait <= {self._queue.wait_s * 1e3:g} ms)" if self.decoupled else "")
 
     def execute(self, requests):
+        steps = [self._parse(request) for request in requests]
         if not self.decoupled:
-            return self._run(requests)
-        for request in requests:
-            self._queue.put(self._sequence_id(request), (request, request.get_response_sender()))
+            return self._run(requests, steps)
+        for request, step in zip(requests, steps):
+            sequence_id = None if isinstance(step, str) else step.sequence_id
+            self._queue.put(sequence_id, (request, step, request.get_response_sender()))
         return None
 
     def finalize(self):
@@ -86,9 +88,9 @@ class TritonPythonModel:
             batch, ids = self._queue.gather(cohort)
             if not batch:
                 return
-            requests, senders = zip(*batch)
+            requests, steps, senders = zip(*batch)
             try:
-                responses = self._run(requests)
+                responses = self._run(requests, steps)
             except Exception as e:  # noqa: BLE001 - the thread must keep serving
                 logger.exception("gpt step failed")
                 error = pb_utils.TritonError(f"gpt step failed: {e}")
@@ -100,16 +102,11 @@ class TritonPythonModel:
                     logger.exception("could not send a gpt response")
             cohort = self.scheduler.sequence_ids() & ids
 
-    @staticmethod
-    def _sequence_id(request):
-        tensor = pb_utils.get_input_tensor_by_name(request, tensors.CONTROL_CORRID)
-        return None if tensor is None else int(tensor.as_numpy().reshape(-1)[0])
-
     # ------------------------------------------------------------------ one batch
 
-    def _run(self, requests):
-        """Run one batch of steps; their responses, in order."""
-        steps = [self._parse(request) for request in requests]
+    def _run(self, requests, steps):
+        """Run one batch of requests, parsed into steps (or error messages); their responses,
+        in order."""
         valid = [s for s in steps if not isinstance(s, str)]
         results = iter(self.scheduler.step(valid))
         responses = []
