@@ -21,7 +21,7 @@ from export import demo
 from export.cli import app
 from export.model import generate_greedy
 from export.onnx import TOLERANCES
-from serving.bench import OrtLoop
+from serving.bench.ort_loop import OrtLoop
 from serving.repository import validate_repository, verify_manifest
 from serving.server import has_nvidia_gpu
 

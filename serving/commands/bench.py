@@ -41,7 +41,7 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
 
 
 class _RichProgress:
-    """serving.bench.Progress drawn with rich: one bar per task, finished bars stay."""
+    """serving.bench.progress.Progress drawn with rich: one bar per task, finished bars stay."""
 
     def __init__(self, progress: Any) -> None:
         self._progress = progress
@@ -83,11 +83,14 @@ def bench(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from serving import bench as lib
+    from serving.bench.report import finite_or_none, render_markdown, write_report
+    from serving.bench.run import BenchOptions, run_bench
+    from serving.bench.served import MODES
+    from serving.bench.targets import run_targets
     from serving.server import TritonServerError
 
-    if mode not in lib.MODES:
-        raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(lib.MODES)}", param_hint="--mode")
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--mode")
     levels = parse_concurrency(concurrency)
     if suite is not None:
         if suite != "targets":
@@ -112,21 +115,21 @@ def bench(
         with Progress(*columns, console=console, transient=False) as bar:
             progress = _RichProgress(bar)
             if suite == "targets":
-                report = lib.run_targets(out, concurrency=levels, requests=requests, mode=mode, progress=progress,
-                                         prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+                report = run_targets(out, concurrency=levels, requests=requests, mode=mode, progress=progress,
+                                     prompt_tokens=prompt_tokens, output_tokens=output_tokens)
             else:
-                options = lib.BenchOptions(url=url, repository=repository, mode=mode, concurrency=levels,
-                                           prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                                           requests=requests, baselines=baselines, checkpoint=checkpoint)
-                report = lib.run_bench(options, progress=progress)
-        paths = lib.write_report(report, out)
+                options = BenchOptions(url=url, repository=repository, mode=mode, concurrency=levels,
+                                       prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                                       requests=requests, baselines=baselines, checkpoint=checkpoint)
+                report = run_bench(options, progress=progress)
+        paths = write_report(report, out)
     except ValueError as e:  # bad options found once the model is known (context length, slots)
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
     except TritonServerError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
-    console.print(lib.render_markdown(lib.finite_or_none(report)), markup=False, highlight=False)
+    console.print(render_markdown(finite_or_none(report)), markup=False, highlight=False)
     typer.echo("Wrote " + ", ".join(str(p) for p in paths.values()))
     if report.get("ratios") and not all(r["pass"] for r in report["ratios"].values()):
         failed = [k for k, r in report["ratios"].items() if not r["pass"]]

@@ -1,5 +1,7 @@
-"""The PyTorch baselines of `gptpipe bench` (serving.bench imports this lazily: serving never
-imports torch).
+"""The PyTorch baselines of `gptpipe bench`: transformers' generate, this project's torch loop, torch's bandwidth.
+
+serving.bench.baselines imports this lazily (serving never imports torch); of serving, this imports
+only the bench's low, torch-free `serving.bench.stats`, so there is no import circle.
 
 1. Hugging Face `transformers` `GPT2LMHeadModel.generate` (eager, its own KV cache), with the
    same weights written as a Hugging Face folder and read back with `from_pretrained`;
@@ -8,7 +10,7 @@ imports torch).
 3. torch's own read bandwidth (`torch.sum` over a 512 MiB buffer), next to numpy's.
 
 Both generation baselines stamp the time of each new token, so they yield the same
-`serving.bench.RequestTiming` as the served paths and are summarised the same way.
+`serving.bench.stats.RequestTiming` as the served paths and are summarised the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from export.model import GPT
-from serving.bench import RequestTiming
+from serving.bench.stats import RequestTiming
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,137 @@
+"""`gptpipe bench` end to end: the targets suite's refusals at the CLI, and real runs against a
+real tritonserver serving a tiny model (two concurrency levels, all four baselines; the served
+generator's tokens; the 8-vs-1 pairs). Speed is not checked here (scripts/bench_targets.sh runs
+the targets suite)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from export.checkpoints import save_model
+from export.config import GPTConfig
+from export.model import GPT, generate_greedy
+from export.onnx import export_onnx
+from serving.bench.levels import aggregate_pairs
+from serving.bench.report import ITL_PNG, THROUGHPUT_PNG
+from serving.bench.served import MODES, ServedGenerator
+from serving.bench.stats import random_prompts
+from serving.commands.bench import bench as bench_command
+from serving.repository import ServingOptions, write_repository
+from tests.conftest import train_tokenizer
+from tests.triton_fixtures import attach_server_log, start_server
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tmp_path_factory, request):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny")
+    model = GPT(config).eval()
+    root = tmp_path_factory.mktemp("bench")
+    exported = export_onnx(model, root / "export" / "gpt.onnx", validate=False)
+    repository = write_repository(root / "repo", engine_file=exported.path,
+                                  tokenizer_json=train_tokenizer(config.vocab_size).to_str(),
+                                  model_config=config.to_dict(), options=ServingOptions(max_sequences=4))
+    checkpoint = save_model(model, None, root / "hf")  # the same weights, for the PyTorch baselines
+    server = start_server(repository)
+    yield model, repository, checkpoint, server
+    server.stop()
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("bench")(bench_command)
+    app.callback()(lambda: None)  # keep `bench` a subcommand, as in `gptpipe bench`
+    return app
+
+
+@pytest.mark.parametrize("args, hint, message", [
+    (["--no-baselines"], "--no-baselines", "needs the baselines"),
+    (["--concurrency", "1,4"], "--concurrency", "needs levels 1 and 8"),
+    (["--url", "localhost:1"], "--url", "starts its own servers"),
+    (["--checkpoint", "demo"], "--checkpoint", "exports its own models"),
+])
+def test_targets_suite_refuses_options_it_cannot_honour(args, hint, message, tmp_path):
+    """Refused before any export or server start: nothing is written."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli(), ["bench", "--suite", "targets", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert hint in result.output and message in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_bench_against_a_real_server_writes_a_wellformed_report(tiny_served, tmp_path, request):
+    model, repository, checkpoint, server = tiny_served
+    attach_server_log(request, server)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli(), [
+        "bench", "--url", server.grpc_url, "--repository", str(repository), "--checkpoint", str(checkpoint),
+        "--concurrency", "1,2", "--prompt-tokens", "12", "--output-tokens", "10", "--requests", "4",
+        "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    report = json.loads((out / "bench.json").read_text())  # strict JSON: no NaN
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
+    for lv in report["levels"]:
+        assert lv["requests"] == 4 and lv["tokens"] == 4 * 10
+        assert 0 < lv["ttft_ms"]["p50"] <= lv["ttft_ms"]["p90"] <= lv["ttft_ms"]["p99"]
+        assert 0 < lv["itl_ms"]["p50"] <= lv["itl_ms"]["p99"]
+        assert lv["tokens_per_s_per_stream"] > 0 and lv["aggregate_tokens_per_s"] > 0 and lv["requests_per_s"] > 0
+    base = report["baselines"]
+    assert set(base) == {"bandwidth_limit", "ort_inprocess", "torch_loop", "transformers"}, report["errors"]
+    assert base["bandwidth_limit"]["bandwidth_gb_s"] > 0.1
+    for key in ("ort_inprocess", "torch_loop", "transformers"):
+        assert base[key]["stats"]["tokens_per_s_per_stream"] > 0, key
+        # greedy on the same weights and prompts: every path gives the served tokens
+        assert base[key]["greedy_tokens_equal_served"] == "3/3", key
+    assert report["errors"] == []
+
+    md = (out / "bench.md").read_text()
+    served = md.split("## Served\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in served.splitlines() if line.startswith("| ") and not line.startswith("| concurrency")]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]  # one row per level
+    assert "transformers GPT2LMHeadModel.generate" in md
+    for png in (ITL_PNG, THROUGHPUT_PNG):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG_MAGIC
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 300 and height > 200
+
+
+def test_served_tokens_are_the_pytorch_greedy_tokens(tiny_served, request):
+    """The benchmark's own request path (ids in, fixed length, eos ignored) is correct."""
+    model, _, _, server = tiny_served
+    attach_server_log(request, server)
+    prompt = random_prompts(1, 9, vocab_size=model.config.vocab_size, seed=3)[0]
+    for mode in MODES:
+        generate = ServedGenerator(server.grpc_url, mode=mode)
+        try:
+            t = generate(prompt, 12)
+        finally:
+            generate.close()
+        assert list(t.tokens) == generate_greedy(model, prompt, 12), mode
+        assert t.n_tokens == 12 and math.isfinite(t.decode_tokens_per_s)
+
+
+def test_aggregate_pairs_runs_adjacent_levels_on_a_real_server(inflight):
+    """The 8-vs-1 ratio from neighbouring runs (1, 8, 1 streams after the levels' 8): against
+    the tiny model on the in-flight server, so the numbers are real, not judged."""
+    out = aggregate_pairs(inflight.server.grpc_url, mode="client", last_eight={"aggregate_tokens_per_s": 100.0},
+                          prompt_tokens=8, output_tokens=6, requests_for=lambda c: c,
+                          vocab_size=inflight.model.config.vocab_size)
+    levels, one_a, eight, one_b = out["aggregate_tokens_per_s"]
+    assert out["order"] == ["8 (levels)", "1", "8", "1"] and levels == 100.0
+    assert min(one_a, eight, one_b) > 0
+    assert out["ratios"] == pytest.approx([100.0 / one_a, eight / one_a, eight / one_b])
+    assert out["ratio"] == pytest.approx(float(np.median(out["ratios"])))
