@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,8 +72,21 @@ def test_server_messages_become_gptpipe_exceptions():
     assert isinstance(other, GptpipeError) and "boom" in str(other)
 
 
+def shm_files_of(pgid: int) -> set[Path]:
+    """The /dev/shm files the processes of a process group map (a server and its python-backend stubs)."""
+    files = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if os.getpgid(int(maps.parent.name)) == pgid:
+                files |= {Path(m[1]) for m in re.finditer(r" (/dev/shm/\S+)$", maps.read_text(), re.M)}
+        except OSError:  # the process is gone meanwhile
+            continue
+    return files
+
+
 def test_server_hanging_or_going_away_mid_generation_is_a_clear_error(served, request):
     private = start_server(served.repository)
+    killed_shm: set[Path] = set()  # a SIGKILLed server leaves its python-backend regions: removed below
     attach_server_log(request, private)
 
     def open_streams(client):
@@ -99,7 +113,10 @@ def test_server_hanging_or_going_away_mid_generation_is_a_clear_error(served, re
             finally:
                 os.kill(private.pid, signal.SIGCONT)
             streams = open_streams(client)
+            killed_shm = shm_files_of(private.pid)
             os.killpg(private.pid, signal.SIGKILL)  # gone at once: the connection breaks
             assert_fails(streams, re.escape(private.grpc_url), within=5)
     finally:
         private.stop()
+        for path in killed_shm:
+            path.unlink(missing_ok=True)
