@@ -30,8 +30,8 @@ The modules, in the order a call goes through them (each imports only those abov
 * ``errors``: server messages and transport failures as gptpipe exceptions;
 * ``request``: a generate() call's arguments checked before any network call, the defaults,
   GenerationConfig (what the client knows of the model besides the tokenizer);
-* ``step``: the per-token hot path (send one step, read its answer, hand it to the sampler);
 * ``loop_thread``: the event-loop thread the blocking client runs its gRPC streams on;
+* ``step``: the per-token hot path (send one step, read its answer, hand it to the sampler);
 * ``server_mode``: the `generate` model's inputs and its per-token responses as events;
 * ``transport_async_grpc``, ``transport_grpc`` (its streams go through the asyncio one),
   ``transport_http``, ``transport_async_http``: connections, the step model's config, the

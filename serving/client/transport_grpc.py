@@ -1,4 +1,4 @@
-"""The blocking gRPC transport: one channel (thread-safe, many sequences) for the steps, the config and the tokenizer."""
+"""The blocking gRPC transport: one thread-safe channel for the steps of many sequences, the config, the tokenizer."""
 
 from __future__ import annotations
 
