@@ -54,7 +54,7 @@ from serving.client.request import (
     _new_correlation_id,
     _validate,
 )
-from serving.client.server_mode import _generate_inputs, _grpc_server_events, _http_server_events
+from serving.client.server_mode import _generate_inputs, _grpc_server_events
 from serving.client.step import RELEASE_TIMEOUT_S
 from serving.client.streams import AsyncTextStreamIterator, TextStreamIterator
 from serving.client.sync_client import Client
