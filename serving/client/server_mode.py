@@ -1,0 +1,195 @@
+"""Server mode: the `generate` model's inputs for a request, and its responses (one per token) as TokenEvents.
+
+The ``generate`` model runs the generation loop on the server. The blocking client reads one
+request's responses from a gRPC stream of its own (:func:`_grpc_server_events`) or from the
+HTTP generate extension's ``generate_stream`` (:func:`_http_server_events`, SSE); the asyncio
+gRPC transport reads them from a stream of its shared channel with the same helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any, Optional
+
+import numpy as np
+
+from serving import tensors
+from serving.client.errors import _tritonclient_error, error_from_message
+from serving.client.request import _new_correlation_id, _Request
+from serving.generation import (
+    Generation,
+    GptpipeError,
+    ServerError,
+    ServerUnavailableError,
+    TokenEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _generate_inputs(generation: Generation, request: _Request) -> dict[str, np.ndarray]:
+    """The `generate` model's inputs for one prompt (names and dtypes from the table)."""
+    p = request.params
+    values: dict[str, Any] = {
+        "input_ids": np.asarray(generation.prompt_ids, dtype=np.int64),
+        "max_tokens": [request.max_new_tokens],
+        "temperature": [p.temperature],
+        "top_k": [p.top_k],
+        "top_p": [p.top_p],
+        "repetition_penalty": [p.repetition_penalty],
+        "random_seed": [generation.seed],  # resolved: the client knows the seed it used
+        "stream": [True],  # one response per token: timings and streaming for every call
+        "return_log_probs": [request.return_logprobs],
+        # the client's eos (a local generation config may differ from the server's)
+        "end_id": [-1 if generation.eos_token_id is None else generation.eos_token_id],
+    }
+    if request.stop:
+        values["stop_words"] = [s.encode("utf-8") for s in request.stop]
+    specs = {spec.name: spec for spec in tensors.GENERATE_INPUTS}
+    out = {}
+    for name, value in values.items():
+        dtype = np.object_ if specs[name].dtype == "bytes" else np.dtype(specs[name].dtype)
+        out[name] = np.asarray(value, dtype=dtype)
+    return out
+
+
+def _event_from_outputs(outputs: dict[str, Any], latency: float) -> Optional[TokenEvent]:
+    """A TokenEvent from one `generate` response; None for an empty (flag-only) response."""
+    ids = outputs.get("output_ids")
+    if ids is None or len(ids) == 0:
+        return None
+    text = outputs.get("text_output")
+    text = text.decode("utf-8") if isinstance(text, bytes) else (text or "")
+    finish = outputs.get("finish_reason")
+    finish = finish.decode() if isinstance(finish, bytes) else finish
+    logprobs = outputs.get("output_log_probs")
+    logprob = float(logprobs[0]) if logprobs is not None and len(logprobs) else None
+    return TokenEvent(int(ids[0]), text, logprob, finish or None, latency)
+
+
+def _outputs_of(result) -> dict[str, Any]:
+    out = {}
+    for spec in tensors.GENERATE_OUTPUTS:
+        array = result.as_numpy(spec.name)
+        if array is not None:
+            out[spec.name] = array.reshape(-1)[0] if spec.dtype == "bytes" else array.reshape(-1)
+    return out
+
+
+def _grpc_infer_inputs(inputs: dict[str, np.ndarray]) -> list[Any]:
+    """The `generate` model's inputs as tritonclient.grpc InferInputs (datatypes from the table)."""
+    import tritonclient.grpc as grpcclient
+
+    infer_inputs = []
+    for name, array in inputs.items():
+        spec = next(s for s in tensors.GENERATE_INPUTS if s.name == name)
+        infer_input = grpcclient.InferInput(name, list(array.shape), spec.datatype)
+        infer_input.set_data_from_numpy(array)
+        infer_inputs.append(infer_input)
+    return infer_inputs
+
+
+def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:
+    """Events of one `generate` request over its own gRPC stream (tritonclient start_stream)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    finished = False
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
+        infer_inputs = _grpc_infer_inputs(inputs)
+        sent = time.perf_counter()
+        client.async_stream_infer(model, infer_inputs, request_id=str(_new_correlation_id()),
+                                  enable_empty_final_response=True)
+        while True:
+            try:
+                result, error, arrived = responses.get(timeout=timeout)
+            except queue.Empty:
+                raise ServerUnavailableError(f"no answer from the Triton server at {url} (grpc) "
+                                             f"within {timeout} s") from None
+            if error is not None:
+                raise _tritonclient_error(error, url, "grpc")
+            event = _event_from_outputs(_outputs_of(result), arrived - sent)
+            sent = arrived
+            final = result.get_response().parameters.get("triton_final_response")
+            if event is not None:
+                if event.finish_reason is not None:
+                    finished = True
+                yield event
+            if final is not None and final.bool_param:
+                if not finished:
+                    raise ServerError("the generate stream ended without a finish reason")
+                return
+    finally:
+        try:
+            client.stop_stream(cancel_requests=not finished)  # cancel: the server stops and ENDs
+        except Exception as e:  # noqa: BLE001
+            logger.debug("closing the generate stream failed: %s", e)
+        client.close()
+
+
+def _http_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:
+    """Events of one request through the HTTP generate extension (generate_stream, SSE)."""
+    body = {name: (array.tolist() if name in ("input_ids", "stop_words") else array.reshape(-1)[0].item())
+            for name, array in inputs.items()}
+    if "stop_words" in body:
+        body["stop_words"] = [s.decode("utf-8") for s in inputs["stop_words"]]
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    sent = time.perf_counter()
+    try:
+        response = opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise error_from_message(_http_error_message(e)) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ServerUnavailableError(f"cannot reach the Triton server at {url} (http): {e}") from None
+    with closing(response):
+        try:
+            for line in response:
+                if not line.startswith(b"data:"):
+                    continue
+                data = json.loads(line[5:])
+                arrived = time.perf_counter()
+                if "error" in data:
+                    raise error_from_message(data["error"])
+                outputs = {k: _json_output(v) for k, v in data.items() if k in _GENERATE_OUTPUT_NAMES}
+                event = _event_from_outputs(outputs, arrived - sent)
+                sent = arrived
+                if event is not None:
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+        except (OSError, ValueError) as e:
+            if isinstance(e, GptpipeError):
+                raise
+            raise ServerUnavailableError(f"the generate stream from {url} (http) broke off: {e}") from None
+    raise ServerError("the generate stream ended without a finish reason")
+
+
+_GENERATE_OUTPUT_NAMES = frozenset(spec.name for spec in tensors.GENERATE_OUTPUTS)
+
+
+def _json_output(value: Any) -> Any:
+    """A generate-extension JSON output as _event_from_outputs wants it. Triton writes a
+    one-element tensor as a bare value (output_ids: 7, not [7]) and strings as text."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (int, float)):
+        return [value]
+    return value
+
+
+def _http_error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read()).get("error", str(e))
+    except Exception:  # noqa: BLE001
+        return str(e)
