@@ -18,7 +18,7 @@ from serving import (
     ServerBusyError,
     ServerUnavailableError,
 )
-from serving.client import error_from_message
+from serving.client.errors import error_from_message
 from tests.test_client import MODES, PROMPTS, client  # noqa: F401 - client: the fixture
 from tests.triton_fixtures import attach_server_log, start_server
 

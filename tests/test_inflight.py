@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from serving import AsyncClient, Client, GptpipeError, InvalidParameterError, ServerBusyError
-from serving.client import _new_correlation_id
+from serving.client.request import _new_correlation_id
 from tests.conftest import metric, wait_for
 from tests.test_client import PROMPTS as CLIENT_PROMPTS
 

@@ -61,7 +61,8 @@ class ServedGenerator:
         return RequestTiming(sent=sent, token_times=tuple(times), prompt_tokens=len(prompt), tokens=tuple(tokens))
 
     def _events(self, prompt: Sequence[int], max_tokens: int) -> Any:
-        from serving.client import _generate_inputs, _grpc_server_events, _validate
+        from serving.client.request import _validate
+        from serving.client.server_mode import _generate_inputs, _grpc_server_events
         from serving.generation import Generation, generate_tokens, make_sampling_params
 
         generation = Generation(

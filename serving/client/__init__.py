@@ -43,7 +43,6 @@ The modules, in the order a call goes through them (each imports only those abov
 from __future__ import annotations
 
 from serving.client.async_client import AsyncClient
-from serving.client.errors import error_from_message
 from serving.client.request import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -51,10 +50,7 @@ from serving.client.request import (
     GenerationConfig,
     Mode,
     Protocol_,
-    _new_correlation_id,
-    _validate,
 )
-from serving.client.server_mode import _generate_inputs, _grpc_server_events
 from serving.client.step import RELEASE_TIMEOUT_S
 from serving.client.streams import AsyncTextStreamIterator, TextStreamIterator
 from serving.client.sync_client import Client
