@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-from export.model import merge_heads, split_heads
+from export.model import KV, Attend, merge_heads, split_heads
 
 OP_NAME = "gptpipe::static_cache_attention"
 
@@ -73,6 +73,18 @@ def static_cache_attention(
 @static_cache_attention.register_fake
 def _static_cache_attention_fake(q, k, v, past_k, past_v, attention_mask, num_heads):
     return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
+
+def static_cache_attend(past: KV, attention_mask: torch.Tensor, n_head: int) -> Attend:
+    """Attention through the in-place static-cache op (GroupQueryAttention in ONNX)."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        y, present_k, present_v = torch.ops.gptpipe.static_cache_attention(
+            q, k, v, past[0], past[1], attention_mask, n_head)  # (B, T, C), (B, nh, MAX, hs) x 2
+        return y, (present_k, present_v)
+
+    return attend
 
 
 # ------------------------------------------------------------------ ONNX translation

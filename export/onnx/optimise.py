@@ -1,0 +1,127 @@
+"""Graph rewrites after the export: ORT's transformer fusions (with the tanh-GELU -> FastGelu
+rewrite they need), the fp16 conversion and int8 dynamic quantization of the MatMul weights."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.config import GPTConfig
+from export.onnx.export import quiet_toolchain
+from export.onnx.graph import ExportError, external_data_path, save_model
+from export.onnx.ops import MS_DOMAIN
+from serving import tensors
+
+LM_HEAD_WEIGHT = "lm_head.weight"  # int8: the head's own (C, V) copy of the tied embedding
+
+
+def fuse_transformer_ops(proto: onnx.ModelProto, config: GPTConfig) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ORT's transformer fusions (python, no ORT session): Add+LayerNormalization ->
+    SkipLayerNormalization (bias folded in), tanh-GELU -> FastGelu (bias folded in).
+    Attention fusion is off: attention already is GroupQueryAttention. Returns the fused graph and
+    the fused op counts (the FastGelu of an opset >= 20 Gelu counts as fused by the rewrite)."""
+    with quiet_toolchain():
+        return _fuse(proto, config)
+
+
+def tanh_gelu_to_fastgelu(proto: onnx.ModelProto) -> int:
+    """ONNX `Gelu(approximate="tanh")` (what opset >= 20 exports) -> com.microsoft `FastGelu`.
+
+    ORT's FusionBiasGelu reads every `Gelu` as the exact erf GELU and fuses it into `BiasGelu`
+    (erf), silently changing GPT-2's tanh GELU (measured: |Δlogits| 1.1e-5 on the tiny model, 30x
+    the fp32 noise). FastGelu is the same tanh formula, and its bias fusion is right."""
+    count = 0
+    for node in proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx") and attrs.get("approximate") in (b"tanh", "tanh"):
+            node.op_type, node.domain = "FastGelu", MS_DOMAIN
+            del node.attribute[:]
+            count += 1
+    return count
+
+
+def _fuse(proto: onnx.ModelProto, config: GPTConfig) -> tuple[onnx.ModelProto, dict[str, int]]:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    tanh_gelu_to_fastgelu(proto)
+    options = FusionOptions("gpt2")
+    options.enable_attention = False
+    options.enable_embed_layer_norm = False  # BERT's embedding pattern; GPT-2 has none
+    optimizer = optimize_model(proto, model_type="gpt2", num_heads=config.n_head,
+                               hidden_size=config.n_embd, optimization_options=options, opt_level=0)
+    fused = {k: v for k, v in optimizer.get_fused_operator_statistics().items() if v}
+    return optimizer.model, fused
+
+
+# Ops kept in fp32 in the fp16 graph: LayerNorm statistics (a mean of squares overflows fp16 for
+# activations above ~256) and what ORT's default block list keeps anyway.
+FP16_OP_BLOCK_LIST = ("LayerNormalization", "SkipLayerNormalization")
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights, activations and KV buffers; logits stay fp32 (a Cast at the end)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    return convert_float_to_float16(
+        proto, keep_io_types=[tensors.LOGITS],
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_OP_BLOCK_LIST))
+
+
+def untie_lm_head(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the LM head its own (C, V) weight: `Gemm(h, wte, transB=1)` -> `MatMul(h, wte^T)`.
+
+    The tied embedding is also read by the token Gather, which dynamic quantization leaves in
+    fp32; a separate transposed copy lets the biggest MatMul of the model be quantized."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(tensors.LOGITS)
+    # fp32/int8 graphs end in the head itself; walk back through a trailing Cast if there is one
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("Gemm", "MatMul"):
+        raise ExportError(f"cannot find the LM head (Gemm/MatMul producing {tensors.LOGITS!r})")
+    inits = {i.name: i for i in graph.initializer}
+    if node.op_type == "MatMul" and node.input[1] in inits:
+        return proto  # already a MatMul with its own weight
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type != "Gemm" or attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or len(node.input) > 2 \
+            or node.input[1] not in inits or attrs.get("alpha", 1.0) != 1.0:
+        raise ExportError(f"unexpected LM head {node.op_type} {attrs} with inputs {list(node.input)}")
+    weight = numpy_helper.to_array(inits[node.input[1]])  # (V, C)
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), LM_HEAD_WEIGHT))
+    matmul = onnx.helper.make_node("MatMul", [node.input[0], LM_HEAD_WEIGHT], list(node.output),
+                                   name="lm_head")
+    index = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(index, matmul)
+    return proto
+
+
+# Per-tensor weight scales, full 8-bit range. Measured on this AVX2 (no VNNI) CPU, gpt2 shape,
+# worst-position rel_logits: per-tensor 0.046, per-tensor + reduce_range 0.079, per-channel 0.069, per-channel +
+# reduce_range 0.056; on tiny, per-channel without reduce_range was 10x worse (0.14) than
+# per-tensor (0.018): u8s8 products saturating in the 16-bit VPMADDUBSW sums of MLAS's AVX2 kernel.
+INT8_PER_CHANNEL = False
+INT8_REDUCE_RANGE = False
+
+
+def to_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Dynamic quantization of every MatMul weight (LM head included): int8 weights, activations
+    quantized per call; KV cache, LayerNorms and attention stay fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = untie_lm_head(proto)
+    with tempfile.TemporaryDirectory(prefix="gptpipe-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        save_model(proto, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=INT8_PER_CHANNEL, reduce_range=INT8_REDUCE_RANGE,
+                         use_external_data_format=external_data_path(src).exists(),
+                         extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(dst))
+
