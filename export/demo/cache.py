@@ -26,7 +26,7 @@ from export.config import GPTConfig
 from export.demo.corpus import corpus_hash, corpus_topics, join_topics, split_topics
 from export.demo.recipe import CODE_VERSION, DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DemoRecipe
 from export.demo.tokenizer import train_tokenizer
-from export.demo.train import reproducible, heldout_loss, train_model, unigram_loss
+from export.demo.train import heldout_loss, reproducible, train_model, unigram_loss
 from export.load import CheckpointError, load_checkpoint, save_model
 from export.load.state import PathLike
 from export.model import GPT
