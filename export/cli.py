@@ -188,7 +188,8 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
         console.print("[yellow]note:[/yellow] no GPU here: fp16 runs on the CPU through casts; "
                       "fp32 or int8 is the fast choice on this machine. Going on with fp16.")
 
-    from export.checkpoints import CheckpointError, load_model
+    from export.load import CheckpointError
+    from export.sources import load_model
 
     stages = Stages()
     try:

@@ -1,4 +1,4 @@
-"""export/checkpoints.py against real references: checkpoints written by `transformers`
+"""export/load and export/sources.py against real references: checkpoints written by `transformers`
 (GPT2LMHeadModel on random weights), nanoGPT-format dicts, tokenizers trained with `tokenizers`."""
 
 from __future__ import annotations
@@ -12,13 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from export.checkpoints import (
-    CheckpointError,
-    hub_reachable,
-    load_model,
-    looks_like_hub_id,
-    save_model,
-)
+from export.load import CheckpointError, hub_reachable, looks_like_hub_id, save_model
+from export.sources import load_model
 from export.config import PRESETS, GPTConfig
 from export.model import GPT
 from serving.tokenizer import Tokenizer

@@ -1,4 +1,4 @@
-"""export/demo.py: the corpus split, the tokenizer, and a short real training run of a small
+"""export/demo: the corpus split, the tokenizer, and a short real training run of a small
 model (the `tiny` preset, a 512-token BPE) into a temporary cache."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from export import demo
-from export.checkpoints import CheckpointError
+from export.load import CheckpointError
 from export.config import GPTConfig
 from export.model import GPT, generate_greedy
 from serving.tokenizer import EOS_TOKEN, Tokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.checkpoints import load_model
+from export.sources import load_model
 from export.config import GPTConfig
 from export.model import GPT, check_inputs, generate_greedy
 
