@@ -122,7 +122,8 @@ def torch_models(source: str, *, threads: int) -> Iterator[tuple[GPT, Any]]:
     """(this project's GPT, transformers' GPT2LMHeadModel) with the same weights: `load_model`
     of the source, written with `save_model` as a Hugging Face folder, read back with
     `from_pretrained`. The folder is temporary."""
-    from export.checkpoints import load_model, save_model
+    from export.load import save_model
+    from export.sources import load_model
 
     set_threads(threads)
     model, _ = load_model(source)

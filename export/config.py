@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # tests: small enough that every path runs in well under a second
     "tiny": dict(vocab_size=512, n_positions=128, n_layer=2, n_head=4, n_embd=64,
                  bos_token_id=0, eos_token_id=0),
-    # the demo model trained offline by export/demo.py (its tokenizer has 4096 tokens, id 0 is eos)
+    # the demo model trained offline by export/demo/ (its tokenizer has 4096 tokens, id 0 is eos)
     "demo": dict(vocab_size=4096, n_positions=256, n_layer=4, n_head=4, n_embd=128,
                  bos_token_id=0, eos_token_id=0),
 }

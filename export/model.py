@@ -6,7 +6,7 @@ map one to one.
 
 The attention of each layer is a pluggable `Attend` callable: `forward` uses the dynamic cache
 (past and new keys concatenated: the PyTorch reference, and the portable graph for TensorRT);
-the ONNX Runtime serving graph plugs in an in-place static cache instead (export/onnx.py).
+the ONNX Runtime serving graph plugs in an in-place static cache instead (export/onnx/).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Scheduler, as in the Triton `gpt` model):
 - logits: 16 prompts of different lengths, prefill then DECODE teacher-forced steps (both sides
   read PyTorch's greedy tokens), against PyTorch fp32 on the GPU with TF32 off:
   fp32 engine: max |Δlogit| <= 1e-3; fp16 engine: rms(Δ)/std(logits) <= 0.02 per position and
-  top-1 agreement >= 0.99 where PyTorch's top-1 leads by >= 0.1 (export/onnx.py TOLERANCES);
+  top-1 agreement >= 0.99 where PyTorch's top-1 leads by >= 0.1 (export/onnx/validate.py TOLERANCES);
 - greedy parity: free-running greedy continuations of 4 prompts, engine vs PyTorch; fp32 must
   match exactly, fp16 may only diverge where PyTorch's top-2 margin is < 0.1 (a near-tie);
 - speed: ITL (median decode step) and tokens/s at batch 1 and 16, context 32 -> 32 + STEPS.
@@ -75,7 +75,7 @@ def make_model(name: str) -> tuple[Any, str]:
         from export.demo import load_demo
 
         model, _ = load_demo(progress=False)
-        return model.float().eval(), "trained demo (export/demo.py)"
+        return model.float().eval(), "trained demo (export/demo/)"
     torch.manual_seed(0)
     return GPT(GPTConfig.from_preset(name)).eval(), f"random weights, {name} preset"
 

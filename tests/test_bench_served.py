@@ -15,7 +15,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from export.checkpoints import save_model
+from export.load import save_model
 from export.config import GPTConfig
 from export.model import GPT, generate_greedy
 from export.onnx import export_onnx
