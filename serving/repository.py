@@ -59,7 +59,7 @@ class ServingOptions:
     inflight_batching: bool = True
     max_step_wait_microseconds: int = 5000
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
-    intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.runtime.session_options
+    intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.engine.runtime.session_options
     generate_instances: int = 1
 
     def __post_init__(self) -> None:

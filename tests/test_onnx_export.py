@@ -18,7 +18,7 @@ from export import onnx as eo
 from export.config import GPTConfig
 from export.model import GPT
 from serving import tensors
-from serving.runtime import OrtRuntime
+from serving.engine.runtime import OrtRuntime
 
 TOL = 1e-4  # fp32: the same function, two implementations
 

@@ -17,18 +17,14 @@ import logging
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from serving.kv_cache import KVPool, PoolFullError
+from serving.engine.contract import Runtime
+from serving.engine.kv_cache import KVPool, PoolFullError
 
 logger = logging.getLogger(__name__)
-
-
-class StepRuntime(Protocol):
-    def step(self, input_ids: np.ndarray, *, pool: KVPool, slot_start: int,
-             past_lengths: np.ndarray) -> np.ndarray: ...
 
 
 class StepError(ValueError):
@@ -70,7 +66,7 @@ class _Sequence:
 
 @dataclass
 class Scheduler:
-    runtime: StepRuntime
+    runtime: Runtime
     pool: KVPool
     vocab_size: int
     idle_timeout_s: float = 60.0
