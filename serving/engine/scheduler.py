@@ -26,6 +26,8 @@ from serving.engine.kv_cache import KVPool, PoolFullError
 
 logger = logging.getLogger(__name__)
 
+BUSY_PREFIX = "server busy"  # a START refused because the pool is full: retryable (Triton UNAVAILABLE)
+
 
 class StepError(ValueError):
     """A request the engine refuses; the message goes back to the client as is."""
@@ -139,7 +141,7 @@ class Scheduler:
             except PoolFullError:
                 self.stats.busy_rejections += 1
                 raise StepError(
-                    f"server busy: {self.pool.max_sequences} of {self.pool.max_sequences} "
+                    f"{BUSY_PREFIX}: {self.pool.max_sequences} of {self.pool.max_sequences} "
                     "sequences active; retry later or send END for finished sequences") from None
             self.pool.lengths[slot] = 0
             seq = self._sequences[req.sequence_id] = _Sequence(slot, self.clock())

@@ -30,7 +30,7 @@ import numpy as np
 
 from serving.engine.kv_cache import KVPool
 from serving.engine.loader import load_runtime
-from serving.engine.scheduler import Scheduler, StepQueue, StepRequest
+from serving.engine.scheduler import BUSY_PREFIX, Scheduler, StepQueue, StepRequest
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ Step = Union[StepRequest, str]
 Answer = Callable[[Any, Optional[np.ndarray], Optional[str]], Any]
 # (kind "gauge" | "counter", name, description) -> a metric with set() / increment()
 MakeMetric = Callable[[str, str, str], Any]
-
-BUSY_PREFIX = "server busy"  # the scheduler's message for a full pool: a retryable refusal
-
 
 def is_busy(error: str) -> bool:
     """The error is the full-pool refusal (Triton's UNAVAILABLE, not INVALID_ARG)."""
