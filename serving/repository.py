@@ -58,6 +58,15 @@ class ServingOptions:
     # engine call with it (7.6 in the decode calls; prompts run alone), 4.3 without.
     inflight_batching: bool = True
     max_step_wait_microseconds: int = 5000
+    # Reuse the KV of prompt prefixes already in the pool (serving/engine/prefix_cache.py).
+    prefix_cache: bool = True
+    # Chunked prefill: prompt tokens per engine call (vLLM's name); the decode steps of the other
+    # sequences run between a long prompt's chunks. 0: a whole prompt in one call. Measured (gpt2
+    # shape fp32, 2 cores, under load, one prompt row after a past): 16 tokens 67 ms, 32: 89, 64:
+    # 133, 128: 227, 256: 619, 512: 1249 ms; 128 is the cheapest per token (1.8 ms), so chunks of
+    # 128 prefill a 512-token prompt in 0.91 s instead of 1.25 s, and a decode stream waits at
+    # most one chunk (~0.23 s) instead of the whole prompt.
+    max_num_batched_tokens: int = 128
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
     intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.engine.runtime.session_options
     generate_instances: int = 1
@@ -71,6 +80,9 @@ class ServingOptions:
             raise RepositoryError("max_queue_delay_microseconds must be >= 0")
         if self.max_step_wait_microseconds < 0:
             raise RepositoryError("max_step_wait_microseconds must be >= 0")
+        if self.max_num_batched_tokens < 0:
+            raise RepositoryError(f"max_num_batched_tokens must be >= 0 (0: no chunking), got "
+                                  f"{self.max_num_batched_tokens}")
 
 
 def io_section(kind: str, specs: Sequence[TensorSpec], sizes: dict[str, int]) -> str:
@@ -138,6 +150,8 @@ def write_repository(
             transaction_policy="model_transaction_policy { decoupled: true }" if options.inflight_batching
             else "# model_transaction_policy { decoupled: true } for in-flight batching",
             max_step_wait_microseconds=options.max_step_wait_microseconds,
+            prefix_cache=int(options.prefix_cache),
+            max_num_batched_tokens=options.max_num_batched_tokens,
             intra_op_threads=options.intra_op_threads,
             intra_op_spinning=int(options.intra_op_spinning),
             engine_file=Path(engine_file).name,
