@@ -1,0 +1,103 @@
+"""serving.health against real HTTP servers: tiny http.server ones on loopback ports (a model
+that is not ready, a server that never answers) and a real tritonserver."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from serving.health import check_ready, main, ready_paths
+from tests.triton_fixtures import write_echo_repository
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    not_ready: set[str] = set()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        status = 503 if self.path in self.server.not_ready else 200  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_triton() -> Iterator[http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.not_ready = set()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _url(server) -> str:
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def test_ready_when_the_server_and_every_model_answer_200(fake_triton) -> None:
+    assert check_ready(_url(fake_triton), ["gpt", "generate", "tokenizer"], timeout=5) == []
+    assert main(["--url", _url(fake_triton), "--models", "gpt,generate"]) == 0
+
+
+def test_one_model_not_ready_is_named(fake_triton, capsys) -> None:
+    fake_triton.not_ready = {"/v2/models/generate/ready"}
+    assert check_ready(_url(fake_triton), ["gpt", "generate", "tokenizer"], timeout=5) == [
+        "/v2/models/generate/ready: HTTP 503"]
+    assert main(["--url", _url(fake_triton)]) == 1
+    assert "/v2/models/generate/ready: HTTP 503" in capsys.readouterr().err
+
+
+def test_a_server_that_never_answers_is_bounded_by_the_timeout() -> None:
+    with socket.socket() as sock:  # accepts connections (backlog) but never reads or answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        start = time.monotonic()
+        problems = check_ready(f"127.0.0.1:{sock.getsockname()[1]}", ["gpt", "generate"], timeout=0.5)
+        elapsed = time.monotonic() - start
+    assert elapsed < 1.5
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("/v2/health/ready: TimeoutError")
+    assert all("not checked" in p for p in problems[1:])
+
+
+def test_connection_refused_is_a_problem_not_an_exception() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    (first, *_) = check_ready(f"127.0.0.1:{port}", ["gpt"], timeout=2)
+    assert first.startswith("/v2/health/ready: ConnectionRefusedError")
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1", "https://h:1", "h:port"])
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="url"):
+        check_ready(url, ["gpt"])
+
+
+def test_bad_model_names_and_timeouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="models"):
+        ready_paths(["gpt", "a/b"])
+    with pytest.raises(ValueError, match="timeout"):
+        check_ready("127.0.0.1:1", ["gpt"], timeout=0)
+
+
+def test_against_a_real_tritonserver(tmp_path, triton_server_factory) -> None:
+    server = triton_server_factory(write_echo_repository(tmp_path / "repo"))
+    assert check_ready(server.http_url, ["echo"], timeout=5) == []
+    assert check_ready(server.http_url, ["echo", "gpt"], timeout=5) == ["/v2/models/gpt/ready: HTTP 400"]
+    # the module as the Kubernetes probe runs it
+    run = subprocess.run([sys.executable, "-m", "serving.health", "--url", server.http_url, "--models", "echo"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
