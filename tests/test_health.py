@@ -3,47 +3,27 @@ that is not ready, a server that never answers) and a real tritonserver."""
 
 from __future__ import annotations
 
-import http.server
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from serving.health import check_ready, main, ready_paths
+from tests.ready_servers import ReadyServer, ready_server
 from tests.triton_fixtures import write_echo_repository
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    not_ready: set[str] = set()
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        status = 503 if self.path in self.server.not_ready else 200  # type: ignore[attr-defined]
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
-def fake_triton() -> Iterator[http.server.ThreadingHTTPServer]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.not_ready = set()  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def fake_triton() -> Iterator[ReadyServer]:
+    with ready_server() as server:
+        yield server
 
 
-def _url(server) -> str:
-    return f"127.0.0.1:{server.server_address[1]}"
+def _url(server: ReadyServer) -> str:
+    return server.endpoint
 
 
 def test_ready_when_the_server_and_every_model_answer_200(fake_triton) -> None:
