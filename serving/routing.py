@@ -14,6 +14,10 @@ the caller saw fail (connection refused, stream broken) is skipped until a ready
     router.healthy()                            # ["10.0.3.7:8001", "10.0.5.2:8001"]
     router.close()
 
+Probes: ``grpc_ready_probe`` (tritonclient, on the endpoint itself), ``http_ready_probe``
+(``serving.health``: the ready paths over HTTP, e.g. port 8000 beside gRPC's 8001),
+``tcp_probe`` (the default: the port accepts a connection).
+
 Names are resolved with the system resolver (a headless Kubernetes Service returns one address
 per ready pod), IPv4 addresses first, again at most every ``resolve_interval_s`` in a background
 thread; a failed lookup keeps the last answer. Every lookup and probe has a bound. Torch-free,
@@ -125,6 +129,25 @@ def http_ready_probe(models: Sequence[str], *, http_port: int | None = None, tim
         if problems:
             logger.debug("%s not ready: %s", endpoint, "; ".join(problems))
         return not problems
+    return probe
+
+
+def grpc_ready_probe(models: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> Probe:
+    """Ready = Triton answers ready for the server and each model over gRPC on the endpoint
+    itself (tritonclient, imported on first use; each call bounded by ``timeout``)."""
+    def probe(endpoint: str) -> bool:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(endpoint)
+        try:
+            return bool(client.is_server_ready(client_timeout=timeout)) and all(
+                client.is_model_ready(name, client_timeout=timeout) for name in models)
+        except InferenceServerException as exc:
+            logger.debug("%s not ready: %s", endpoint, exc)
+            return False
+        finally:
+            client.close()
     return probe
 
 

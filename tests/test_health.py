@@ -81,3 +81,28 @@ def test_against_a_real_tritonserver(tmp_path, triton_server_factory) -> None:
     run = subprocess.run([sys.executable, "-m", "serving.health", "--url", server.http_url, "--models", "echo"],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_dead_python_backend_stub_leaves_every_ready_flag_green(tmp_path, triton_server_factory) -> None:
+    """Why the README calls the ready probes' dead-stub case a gap (issue 14): Triton 2.51 keeps
+    saying ready after a model's stub is SIGKILLed, while every inference on it fails. A probe
+    through the model is needed for that; this one checks ready flags only."""
+    import signal
+
+    import numpy as np
+    import psutil
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    server = triton_server_factory(write_echo_repository(tmp_path / "repo"))
+    stubs = [p for p in psutil.Process(server.pid).children(recursive=True) if "triton_python_backend_stub" in p.name()]
+    assert len(stubs) == 1, stubs
+    stubs[0].send_signal(signal.SIGKILL)
+    time.sleep(1.0)
+    client = httpclient.InferenceServerClient(server.http_url)
+    x = httpclient.InferInput("INPUT0", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    with pytest.raises(InferenceServerException, match="not healthy"):
+        client.infer("echo", [x])
+    client.close()
+    assert check_ready(server.http_url, ["echo"], timeout=5) == []

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from serving.generation import ServerUnavailableError
-from serving.routing import (Router, http_ready_probe, parse_endpoints, rendezvous_order, resolve_addresses,
-                             tcp_probe)
+from serving.routing import (Router, grpc_ready_probe, http_ready_probe, parse_endpoints, rendezvous_order,
+                             resolve_addresses, tcp_probe)
 from tests.ready_servers import ready_server
 
 IDS = range(3000)
@@ -226,3 +226,22 @@ def test_bad_router_settings_are_refused() -> None:
         Router(THREE, probe_interval_s=0)
     with pytest.raises(ValueError, match="timeout_s"):
         Router(THREE, timeout_s=-1)
+
+
+def test_grpc_and_http_probes_against_a_real_tritonserver(tmp_path, triton_server_factory) -> None:
+    from tests.triton_fixtures import write_echo_repository
+
+    server = triton_server_factory(write_echo_repository(tmp_path / "repo"))
+    assert grpc_ready_probe(["echo"], timeout=5)(server.grpc_url)
+    assert not grpc_ready_probe(["echo", "gpt"], timeout=5)(server.grpc_url)
+    assert http_ready_probe(["echo"], http_port=server.ports["http"])(server.grpc_url)
+    dead = f"127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    assert not grpc_ready_probe(["echo"], timeout=1)(dead)
+    assert time.monotonic() - start < 3
+    # a router over the live server and a dead port: the dead one, once failed, stays out
+    with Router([server.grpc_url, dead], probe=grpc_ready_probe(["echo"], timeout=2), probe_interval_s=60) as router:
+        router.mark_failed(dead)
+        router.mark_failed(server.grpc_url)
+        assert router.check_failed() == [server.grpc_url]
+        assert router.healthy() == [server.grpc_url] and router.pick(42) == server.grpc_url
