@@ -8,6 +8,7 @@ below (checked equal to kubectl's output where both exist); no cluster is needed
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -362,3 +363,24 @@ def test_the_readme_commands_name_real_overlays() -> None:
     for command in re.findall(r"^kubectl apply -k (\S+)$", readme, re.M):
         assert (ROOT / command / "kustomization.yaml").is_file(), command
     assert "kubectl apply -k deploy/k8s/overlays/gpu" in readme
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="the README's overlay uses JSON patches and images: kubectl renders them")
+def test_the_readmes_baked_image_overlay_drops_the_volume_and_validates(tmp_path) -> None:
+    readme = (K8S / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "$patch: delete" in b]
+    overlay = yaml.safe_load(block)
+    (base,) = overlay["resources"]
+    overlay["resources"] = [os.path.relpath(K8S / "overlays" / Path(base).name, tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    out = subprocess.run([KUBECTL, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    objects = _by_key([d for d in yaml.safe_load_all(out) if d])
+    assert ("PersistentVolumeClaim", "gptpipe-model-repository") not in objects
+    pod, container = triton(objects)
+    assert {v["name"] for v in pod["volumes"]} == {"dshm", "tmp"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/tmp"}
+    assert container["image"] == "registry.example.com/gptpipe-triton-gpt2:1"
+    assert flag(container["command"], "--model-repository") == "/models"  # now the image's own files
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
