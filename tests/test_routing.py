@@ -245,3 +245,39 @@ def test_grpc_and_http_probes_against_a_real_tritonserver(tmp_path, triton_serve
         router.mark_failed(server.grpc_url)
         assert router.check_failed() == [server.grpc_url]
         assert router.healthy() == [server.grpc_url] and router.pick(42) == server.grpc_url
+
+
+def test_three_real_replicas_share_the_sequences_and_one_that_stops_is_skipped_then_used_again(tmp_path) -> None:
+    """Three tritonserver processes serving one repository: 60 sequences spread over all three
+    (ports are random: with 12, one replica would get none 2% of the time);
+    one replica stops: its sequences (only those) move, it is skipped while down, and after a
+    restart on the same ports its ready probe brings it, and its sequences, back."""
+    from serving.server import TritonServer
+    from tests.triton_fixtures import start_server, write_echo_repository
+
+    repo = write_echo_repository(tmp_path / "repo")
+    replicas = [start_server(repo) for _ in range(3)]
+    restarted: TritonServer | None = None
+    try:
+        by_url = {server.grpc_url: server for server in replicas}
+        with Router(list(by_url), probe=grpc_ready_probe(["echo"], timeout=2), probe_interval_s=0.1) as router:
+            ids = [1000 + i for i in range(60)]
+            before = {i: router.pick(i) for i in ids}
+            assert set(before.values()) == set(by_url)  # each replica serves some
+            victim = replicas[1]
+            victim.stop()
+            router.mark_failed(victim.grpc_url)  # what the client does on its connection error
+            time.sleep(0.4)  # probed a few times: still down
+            assert router.failed() == [victim.grpc_url]
+            during = {i: router.pick(i) for i in ids}
+            assert {i for i in ids if during[i] != before[i]} == {i for i in ids if before[i] == victim.grpc_url}
+            assert victim.grpc_url not in during.values()
+            restarted = TritonServer(repo, http_port=victim.ports["http"], grpc_port=victim.ports["grpc"],
+                                     metrics_port=victim.ports["metrics"])
+            restarted.start()
+            restarted.wait_ready(120)
+            assert wait_until(lambda: router.failed() == [], 10.0)
+            assert {i: router.pick(i) for i in ids} == before
+    finally:
+        for server in [*replicas, *([restarted] if restarted else [])]:
+            server.stop()
