@@ -192,5 +192,10 @@ def test_chunks_after_a_cached_prefix_and_a_restart_while_prefilling(tiny_export
     done = s.advance([StepRequest(3, np.array([5, 6]), start=True)], ["new"])
     assert [tag for tag, _ in done] == ["old", "new"] and "restarted" in done[0][1].error
     np.testing.assert_allclose(done[1][1].logits, reference(model, [5, 6]), atol=TOL, rtol=0)
+    # a step sent before the prompt was answered fails the sequence: both steps are answered
+    assert s.advance([StepRequest(4, np.array(prompt(13, 30)), start=True)], ["p4"]) == [] and s.prefilling
+    done = s.advance([StepRequest(4, np.array([1]))], ["early"])
+    assert [tag for tag, _ in done] == ["early", "p4"] and "before its prompt was answered" in done[0][1].error
+    assert "ended before its prompt was computed" in done[1][1].error and not s.prefilling and 4 not in s.sequence_ids()
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 0"):
         Scheduler(runtime, s.pool, vocab_size=runtime.vocab_size, max_num_batched_tokens=-1)

@@ -102,6 +102,7 @@ class Scheduler:
     stats: SchedulerStats = field(default_factory=SchedulerStats)
     _sequences: dict[int, _Sequence] = field(default_factory=dict)
     _prefills: deque = field(default_factory=deque)  # of _Prefill, first come first served
+    _dropped: list = field(default_factory=list)  # (tag, result) of prompts whose sequence went away
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 0:
@@ -171,6 +172,8 @@ class Scheduler:
                 if req.end or error is not None:
                     self._release(req.sequence_id, failed=error is not None and not req.end)
         self._run_prefills(done)
+        done += self._dropped
+        self._dropped = []
         return done
 
     # ------------------------------------------------------------------ helpers
@@ -299,7 +302,8 @@ class Scheduler:
         if seq is None:
             return
         for p in [p for p in self._prefills if p.sequence_id == sequence_id]:
-            self._prefills.remove(p)  # its slot is gone: the prompt's own step failed with it
+            self._prefills.remove(p)  # its slot is gone: the prompt's own step fails with it
+            self._dropped.append((p.tag, StepResult(error=f"sequence {sequence_id} ended before its prompt was computed")))
         if self.prefix_cache is not None and not failed:
             self.prefix_cache.retire(seq.slot, int(self.pool.lengths[seq.slot]))
         else:
