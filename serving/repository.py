@@ -60,13 +60,14 @@ class ServingOptions:
     max_step_wait_microseconds: int = 5000
     # Reuse the KV of prompt prefixes already in the pool (serving/engine/prefix_cache.py).
     prefix_cache: bool = True
-    # Chunked prefill: prompt tokens per engine call (vLLM's name); the decode steps of the other
-    # sequences run between a long prompt's chunks. 0: a whole prompt in one call. Measured (gpt2
-    # shape fp32, 2 cores, under load, one prompt row after a past): 16 tokens 67 ms, 32: 89, 64:
-    # 133, 128: 227, 256: 619, 512: 1249 ms; 128 is the cheapest per token (1.8 ms), so chunks of
-    # 128 prefill a 512-token prompt in 0.91 s instead of 1.25 s, and a decode stream waits at
-    # most one chunk (~0.23 s) instead of the whole prompt.
-    max_num_batched_tokens: int = 128
+    # Chunked prefill: prompt tokens per engine iteration, all prompts together (vLLM's name); the
+    # decode steps of the other sequences run between the chunks. 0: every queued prompt whole.
+    # Measured (gpt2 shape fp32, 2 cores under load, one prompt row after a past): 16 tokens 67 ms,
+    # 32: 89, 64: 133, 128: 227, 256: 619, 512: 1249 ms. Served, 8 client-side streams, prompt
+    # 128, 64 new tokens, 5 interleaved rounds (medians): ITL p99/p50 7.1 (0), 6.1 (128), 4.5 (64);
+    # TTFT p90 5.2 s, 3.7 s, 3.6 s; aggregate 33.0, 40.1, 41.6 tok/s; TTFT at 1 stream 453, 392,
+    # 469 ms (noise-level). 32 was worse than 64 on every row (2 rounds).
+    max_num_batched_tokens: int = 64
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
     intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.engine.runtime.session_options
     generate_instances: int = 1

@@ -41,7 +41,9 @@ def tiny_served(tmp_path_factory, request):
     exported = export_onnx(model, root / "export" / "gpt.onnx", validate=False)
     repository = write_repository(root / "repo", engine_file=exported.path,
                                   tokenizer_json=train_tokenizer(config.vocab_size).to_str(),
-                                  model_config=config.to_dict(), options=ServingOptions(max_sequences=4))
+                                  model_config=config.to_dict(),
+                                  # prompts over 16 tokens are prefilled in chunks (both loops, real server)
+                                  options=ServingOptions(max_sequences=4, max_num_batched_tokens=16))
     checkpoint = save_model(model, None, root / "hf")  # the same weights, for the PyTorch baselines
     server = start_server(repository)
     yield model, repository, checkpoint, server
@@ -158,6 +160,7 @@ def test_prompts_served_from_the_prefix_cache_give_the_pytorch_greedy_tokens(tin
             generate.close()
         assert list(t.tokens) == generate_greedy(model, second, 12), mode
         assert metric(server, "gptpipe_prefix_cache_hit_tokens_total") - hits >= 48, mode  # 3 blocks of 16
+    assert metric(server, "gptpipe_prefill_chunks_total") >= 2 * 3  # each first 53-token prompt: 4 chunks
 
 
 def test_the_prefix_scenario_on_a_real_server(tiny_served, tmp_path, request):
