@@ -187,13 +187,16 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         finally:
             gen.close()
         save_partial()
-        gen = ServedGenerator(url, mode=mode)
-        try:
-            report["prefix"] = prefix_scenario(gen, vocab_size=vocab, progress=progress, metrics_url=server.metrics_url,
-                                               make_generator=lambda: ServedGenerator(url, mode=mode),
-                                               concurrency=max(options.concurrency))
-        finally:
-            gen.close()
+        def prefix() -> dict[str, Any]:
+            gen = ServedGenerator(url, mode=mode)
+            try:
+                return prefix_scenario(gen, vocab_size=vocab, progress=progress, metrics_url=server.metrics_url,
+                                       make_generator=lambda: ServedGenerator(url, mode=mode),
+                                       concurrency=max(options.concurrency))
+            finally:
+                gen.close()
+
+        report["prefix"] = _attempt("prefix scenario", prefix, errors) or {}
         save_partial()
         if perf_analyzer:
             progress.start("perf_analyzer: gpt (sequences), generate (streaming)", 1)
@@ -311,8 +314,8 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         ratio(eight["aggregate_tokens_per_s"] if eight else None, one["aggregate_tokens_per_s"] if one else None),
         "ttft_p90_8_vs_p50_1": ratio(eight["ttft_ms"]["p90"] if eight else None, one["ttft_ms"]["p50"] if one else None),
         "itl_p99_vs_p50_8": ratio(eight["itl_ms"]["p99"] if eight else None, eight["itl_ms"]["p50"] if eight else None),
-        "ttft_cached_prefix_vs_uncached": report["prefix"]["ttft_ratio"],
-        "prefix_greedy_identical": float(report["prefix"]["greedy_identical"]),
+        "ttft_cached_prefix_vs_uncached": report["prefix"].get("ttft_ratio"),
+        "prefix_greedy_identical": float(report["prefix"]["greedy_identical"]) if report["prefix"] else None,
         "int8_vs_fp32": ratio(int8_one.get("tokens_per_s_per_stream"), served_tps),
         "start_to_ready_s": start_to_ready,
         "rss_vs_weights_kv": ratio(float(peak_rss), float(fp32.weight_bytes + fp32.kv_pool_bytes)),
