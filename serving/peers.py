@@ -72,7 +72,7 @@ def peers_python(venv: Optional[Path | str] = None) -> Path:
     return python
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     # the project's PYTHONPATH must not leak into the peer venv's interpreter
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
@@ -186,7 +186,7 @@ class PeerWorker:
         cmd += ["--cache-gb", str(cache_gb)] if cache_gb else []
         self._stderr = tempfile.TemporaryFile(prefix="gptpipe-peer-")
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                        env=_child_env(), start_new_session=True)
+                                        env=child_env(), start_new_session=True)
         self._reader = LineReader(self.process.stdout)
         self._next_id = 0
         try:
@@ -312,7 +312,7 @@ def convert(kind: str, hf_dir: Path | str, out_dir: Path | str, *, types: Sequen
         cmd += ["--types" if kind == "gguf" else "--formats", ",".join(types)]
     logger.info("converting %s to %s in %s", hf_dir, kind, out_dir)
     try:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(), timeout=timeout_s)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise PeerTimeout(f"converting {hf_dir} to {kind} took more than {timeout_s:g} s") from None
     if done.returncode != 0:

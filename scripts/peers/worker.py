@@ -50,20 +50,23 @@ def _check_ids(ids: Any, field: str) -> list[int]:
 
 
 class LlamaCpp:
-    """llama-cpp-python's Llama: eval() the prompt, then one eval() per token, argmax of the logits
-    llama.cpp hands back (the loop `Llama.generate` runs, minus its sampler chain)."""
+    """llama-cpp-python's Llama: eval() the prompt, then one eval() per token, argmax of the
+    last position's logits as llama.cpp leaves them (`llama_get_logits_ith(ctx, -1)`, no copy):
+    the loop `Llama.generate` runs, minus its sampler chain."""
 
     def __init__(self, model: Path, *, threads: int, n_ctx: int) -> None:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, n_gpu_layers=0, logits_all=False, verbose=False)
-        self.info = {"llama_cpp": llama_cpp.__version__, "n_ctx": self.llm.n_ctx(), "n_vocab": self.llm.n_vocab()}
+        ctx, n_vocab = self.llm._ctx.ctx, self.llm.n_vocab()
+        self._last_logits = lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        self.info = {"llama_cpp": llama_cpp.__version__, "n_ctx": self.llm.n_ctx(), "n_vocab": n_vocab}
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
-        self.llm.reset()  # n_tokens = 0: eval() drops the KV cells past it, no prefix reuse
+        self.llm.reset()  # n_tokens = 0: eval() drops the KV cells past it, so nothing is reused
         self.llm.eval(prompt)
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._last_logits()
 
     def generate(self, prompt: list[int], max_new_tokens: int, sent: float) -> dict[str, Any]:
         if len(prompt) + max_new_tokens > self.llm.n_ctx():
@@ -78,7 +81,7 @@ class LlamaCpp:
             if len(tokens) == max_new_tokens:
                 break
             self.llm.eval([token])
-            logits = self.llm.scores[self.llm.n_tokens - 1]
+            logits = self._last_logits()
         return _timing(sent, times, tokens)
 
     def logits(self, prompt: list[int]) -> list[float]:
