@@ -38,6 +38,14 @@ from serving.bench import AGREEMENT_NEW_TOKENS, AGREEMENT_PROMPTS, OrtLoop, gree
 GGUF = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 OV = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
 ONNX = ("fp32", "int8")
+# (key, gptpipe precision, engine, OpenVINO precision): OpenVINO fp32 twice, in f32 (the function
+# PyTorch computes) and with its CPU defaults (bf16 compute, f16 KV cache where the CPU has AMX);
+# its int8/int4 IRs with its defaults (int8 dynamic quantization of activations, as llama.cpp's
+# q8_0/q4_0 and ORT's int8 MatMulInteger quantize theirs)
+PEERS = (("llama.cpp-fp32", "fp32", "llama.cpp", ""), ("openvino-fp32", "fp32", "openvino", "f32"),
+         ("openvino-fp32-ovdefault", "fp32", "openvino", "default"),
+         ("llama.cpp-int8", "int8", "llama.cpp", ""), ("openvino-int8", "int8", "openvino", "default"),
+         ("llama.cpp-int4", "int4", "llama.cpp", ""), ("openvino-int4", "int4", "openvino", "default"))
 
 
 def say(*args: Any) -> None:
@@ -79,14 +87,16 @@ def prepare(work: Path, source: str, *, threads: int) -> dict[str, Path]:
             say(f"   {time.perf_counter() - t0:.0f} s")
         paths[f"onnx-{p}"] = repo
     for p in GGUF:
-        paths[f"llama.cpp-{p}"] = base / "gguf" / f"{GGUF[p]}.gguf"
-        paths[f"openvino-{p}"] = base / "ov" / OV[p]
+        paths[f"gguf-{p}"] = base / "gguf" / f"{GGUF[p]}.gguf"
+        paths[f"ov-{p}"] = base / "ov" / OV[p]
     return paths
 
 
 def open_peer(key: str, paths: dict[str, Path], *, threads: int, n_ctx: int) -> peers.PeerWorker:
-    engine = key.rsplit("-", 1)[0]
-    return peers.PeerWorker(engine, paths[key], threads=threads, n_ctx=n_ctx if engine == "llama.cpp" else None)
+    _, precision, engine, ov_precision = next(spec for spec in PEERS if spec[0] == key)
+    if engine == "llama.cpp":
+        return peers.PeerWorker(engine, paths[f"gguf-{precision}"], threads=threads, n_ctx=n_ctx)
+    return peers.PeerWorker(engine, paths[f"ov-{precision}"], threads=threads, ov_precision=ov_precision)
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -97,7 +107,7 @@ def check(paths: dict[str, Path], prompts: Sequence[Sequence[int]], reference: C
     """Per engine-precision: greedy agreement with the reference and max |Δlogit| after each prompt."""
     ref = [reference(p, new_tokens) for p in prompts]  # (logits, tokens)
     out: dict[str, Any] = {}
-    for key in [k for k in paths if k.startswith(("llama.cpp", "openvino"))]:
+    for key, *_ in PEERS:
         with open_peer(key, paths, threads=threads, n_ctx=n_ctx) as peer:
             tokens = [list(peer.generate(p, new_tokens).token_ids) for p in prompts]
             dlogit = max(float(np.abs(peer.logits(p) - r[0]).max()) for p, r in zip(prompts, ref))
@@ -149,7 +159,7 @@ def timing(paths: dict[str, Path], *, prompt_tokens: int, new_tokens: int, repea
                     return t.decode_tokens_per_s, t.ttft
 
                 engines[f"ort-{p}"] = ort
-            for key in (f"llama.cpp-{p}", f"openvino-{p}"):
+            for key in (spec[0] for spec in PEERS if spec[1] == p):
                 worker = open_peer(key, paths, threads=threads, n_ctx=n_ctx)
                 workers.append(worker)
 
@@ -174,7 +184,7 @@ def timing(paths: dict[str, Path], *, prompt_tokens: int, new_tokens: int, repea
         out["engines"][key] = {"decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rs),
                                "ttft_ms_median": 1e3 * statistics.median(r["ttft_s"] for r in rs), "runs": rs}
     for p in GGUF:
-        for peer_key in (f"llama.cpp-{p}", f"openvino-{p}"):
+        for peer_key in (spec[0] for spec in PEERS if spec[1] == p):
             if f"ort-{p}" in runs and peer_key in runs:
                 pairs = zip(runs[f"ort-{p}"], runs[peer_key])
                 out["ratios"][f"ort_vs_{peer_key}"] = {
@@ -183,10 +193,14 @@ def timing(paths: dict[str, Path], *, prompt_tokens: int, new_tokens: int, repea
     if streams > 1:
         say(f"timing: OpenVINO continuous batching, {streams} streams")
         cb_prompts = random_prompts(streams, prompt_tokens, vocab_size=vocab_size, seed=256)
-        with peers.PeerWorker("openvino-cb", paths["openvino-fp32"], threads=threads) as cb:
-            cb.batch(cb_prompts[:2], 8)  # warm-up
-            walls = [cb.batch(cb_prompts, new_tokens)[1] for _ in range(2)]
-        out["openvino_cb"] = {"streams": streams, "aggregate_tok_s": streams * new_tokens / min(walls), "walls_s": walls}
+        out["openvino_cb"] = {}
+        for ov_precision in peers.OV_PRECISIONS:
+            with peers.PeerWorker("openvino-cb", paths["ov-fp32"], threads=threads, ov_precision=ov_precision) as cb:
+                cb.batch(cb_prompts[:2], 8)  # warm-up
+                walls = [cb.batch(cb_prompts, new_tokens)[1] for _ in range(2)]
+            out["openvino_cb"][ov_precision] = {"streams": streams, "walls_s": walls,
+                                                "aggregate_tok_s": streams * new_tokens / min(walls)}
+            say(f"  {ov_precision}: {out['openvino_cb'][ov_precision]['aggregate_tok_s']:.1f} tok/s aggregate")
     return out
 
 

@@ -30,6 +30,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ENGINES = ("llama.cpp", "openvino", "openvino-cb")
+OV_PRECISIONS = ("f32", "default")
 INSTALL_SCRIPT = "scripts/install_peers.sh"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "peers"  # a source checkout's scripts/peers
 STAMP = ".gptpipe-peers-installed"  # written by install_peers.sh once everything imports
@@ -165,16 +166,20 @@ class PeerWorker:
     """One peer engine loaded in a long-lived worker process of the peer venv.
 
     engine: llama.cpp (a .gguf file), openvino (an IR folder, LLMPipeline) or openvino-cb (an IR
-    folder, ContinuousBatchingPipeline: `batch()` only). Every read waits at most its timeout;
+    folder, ContinuousBatchingPipeline: `batch()` only). ov_precision (OpenVINO): "f32" (default), f32
+    compute and KV cache, the function PyTorch fp32 computes; "default", OpenVINO's own choice for
+    the CPU (bf16 compute and an f16 KV cache on CPUs with AMX / AVX512-bf16). Every read waits at most its timeout;
     on a timeout or a broken line the worker is killed and PeerTimeout / PeerError raised."""
 
     def __init__(self, engine: str, model: Path | str, *, threads: int = 2, n_ctx: Optional[int] = None,
-                 cache_gb: Optional[float] = None, venv: Optional[Path | str] = None,
+                 cache_gb: Optional[float] = None, ov_precision: str = "f32", venv: Optional[Path | str] = None,
                  start_timeout_s: float = 300.0, timeout_s: float = 600.0) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
+        if ov_precision not in OV_PRECISIONS:
+            raise ValueError(f"ov_precision must be one of {', '.join(OV_PRECISIONS)}, got {ov_precision!r}")
         model = Path(model)
         if not model.exists():
             raise FileNotFoundError(f"model: {model} does not exist (convert it first: serving.peers.convert)")
@@ -184,6 +189,7 @@ class PeerWorker:
                "--threads", str(threads)]
         cmd += ["--n-ctx", str(n_ctx)] if n_ctx else []
         cmd += ["--cache-gb", str(cache_gb)] if cache_gb else []
+        cmd += ["--ov-precision", ov_precision] if engine.startswith("openvino") else []
         self._stderr = tempfile.TemporaryFile(prefix="gptpipe-peer-")
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                         env=child_env(), start_new_session=True)
@@ -211,8 +217,12 @@ class PeerWorker:
         except PeerError as e:
             self.kill()
             raise type(e)(f"{self.engine} worker: {e}\n--- its stderr ---\n{self.stderr_tail()}") from None
-        if message is None:
-            code = self.process.wait(timeout=10)
+        if message is None:  # it closed its output: exiting, or about to
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                code = self.process.returncode
             raise PeerError(f"{self.engine} worker exited ({code})\n--- its stderr ---\n{self.stderr_tail()}")
         return message
 

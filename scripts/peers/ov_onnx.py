@@ -98,6 +98,7 @@ def main() -> int:
     parser.add_argument("--ref", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--precision", default="f32", help="INFERENCE_PRECISION_HINT: f32 or bf16")
     args = parser.parse_args()
     ref = np.load(args.ref)
     prompt, ref_tokens, ref_logits = ref["prompt"].tolist(), ref["tokens"].tolist(), ref["logits"]
@@ -107,7 +108,8 @@ def main() -> int:
     shape = list(ref["kv_shape"])
     report: dict[str, Any] = {"openvino": ov.__version__, "layers_x_kinds": len(pairs),
                               "present_shape": str(model.output(pairs[0][1]).get_partial_shape())}
-    config = {"INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": bool(args.profile)}
+    config = {"INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": bool(args.profile),
+              "INFERENCE_PRECISION_HINT": args.precision}
     t0 = time.perf_counter()
     compiled = core.compile_model(model, "CPU", config)
     report["compile_s"] = time.perf_counter() - t0
@@ -124,8 +126,13 @@ def main() -> int:
         report[key] = {"same_greedy_tokens": tokens == ref_tokens,
                        "first_divergence": next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None),
                        "max_abs_dlogit_first": float(np.abs(logits[0] - ref_logits[0]).max()),
+                       "max_abs_dlogit_all_steps": float(np.abs(np.stack(logits) - ref_logits[:len(logits)]).max()),
                        "prefill_ms": prefill * 1e3, "decode_ms_median": statistics.median(steps) * 1e3,
                        "decode_tok_s": 1 / statistics.median(steps)}
+        if shared:  # did OpenVINO write into our buffer, or hand back memory of its own?
+            past0, present0 = pairs[0]
+            report[key]["present_is_the_past_buffer"] = bool(
+                np.asarray(stepper.request.get_tensor(present0).data).ctypes.data == stepper.buffers[past0].ctypes.data)
         if args.profile and shared and tokens == ref_tokens:
             stepper.step([tokens[0]], len(prompt))
             by_type: dict[str, float] = collections.Counter()

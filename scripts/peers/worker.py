@@ -2,7 +2,7 @@
 
 Runs inside the peer venv (scripts/install_peers.sh), started by `serving.peers.PeerWorker`:
 
-    python worker.py --engine llama.cpp|openvino|openvino-cb --model PATH --threads N
+    python worker.py --engine llama.cpp|openvino|openvino-cb --model PATH --threads N [--ov-precision f32|default]
 
 It loads the model once, writes one line {"ready": true, ...}, then answers one line per request
 line on stdin until {"op": "quit"} or end of input. Prompts travel as token ids, so the peers'
@@ -91,8 +91,16 @@ class LlamaCpp:
 # ----------------------------------------------------------------------------- OpenVINO GenAI
 
 
-def _ov_config(threads: int) -> dict[str, Any]:
-    return {"INFERENCE_NUM_THREADS": threads}
+def _ov_config(threads: int, precision: str) -> dict[str, Any]:
+    """precision "f32": f32 compute and KV cache, the function PyTorch fp32 computes; "default":
+    OpenVINO's choice for the CPU (bf16 compute and an f16 KV cache where the CPU has AMX /
+    AVX512-bf16, with int8 dynamic quantization of activations for compressed weights)."""
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads}
+    if precision == "f32":
+        config.update(INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32")
+    elif precision != "default":
+        raise ValueError(f"--ov-precision must be f32 or default, got {precision!r}")
+    return config
 
 
 def _generation_config(max_new_tokens: int) -> Any:
@@ -115,15 +123,15 @@ def _ids_tensor(prompt: list[int]) -> Any:
 class OpenVinoLLM:
     """openvino_genai.LLMPipeline (one sequence), a streamer stamping each token."""
 
-    def __init__(self, model: Path, *, threads: int) -> None:
+    def __init__(self, model: Path, *, threads: int, precision: str) -> None:
         import openvino as ov
         import openvino_genai as og
 
         self.model = model
-        self.threads = threads
-        self.pipe = og.LLMPipeline(str(model), "CPU", **_ov_config(threads))
+        self.config = _ov_config(threads, precision)
+        self.pipe = og.LLMPipeline(str(model), "CPU", **self.config)
         self._request = None  # a plain infer request on the same IR, for logits (made when asked)
-        self.info = {"openvino": ov.__version__, "openvino_genai": og.__version__}
+        self.info = {"openvino": ov.__version__, "openvino_genai": og.__version__, "ov_config": self.config}
 
     def generate(self, prompt: list[int], max_new_tokens: int, sent: float) -> dict[str, Any]:
         import openvino_genai as og
@@ -159,7 +167,7 @@ class OpenVinoLLM:
 
         if self._request is None:
             core = ov.Core()
-            compiled = core.compile_model(str(self.model / "openvino_model.xml"), "CPU", _ov_config(self.threads))
+            compiled = core.compile_model(str(self.model / "openvino_model.xml"), "CPU", self.config)
             self._request = compiled.create_infer_request()
         request = self._request
         request.reset_state()
@@ -178,15 +186,17 @@ class OpenVinoCB:
     """openvino_genai.ContinuousBatchingPipeline: N prompts at once, each token stamped as the
     step that made it returns (add_request + step(), reading every handle after each step)."""
 
-    def __init__(self, model: Path, *, threads: int, cache_gb: float) -> None:
+    def __init__(self, model: Path, *, threads: int, cache_gb: float, precision: str) -> None:
         import openvino as ov
         import openvino_genai as og
 
         scheduler = og.SchedulerConfig()
         scheduler.cache_size = max(1, int(round(cache_gb)))
         scheduler.dynamic_split_fuse = True
-        self.pipe = og.ContinuousBatchingPipeline(str(model), scheduler, "CPU", _ov_config(threads))
-        self.info = {"openvino": ov.__version__, "openvino_genai": og.__version__, "cache_gb": scheduler.cache_size}
+        config = _ov_config(threads, precision)
+        self.pipe = og.ContinuousBatchingPipeline(str(model), scheduler, "CPU", config)
+        self.info = {"openvino": ov.__version__, "openvino_genai": og.__version__, "cache_gb": scheduler.cache_size,
+                     "ov_config": config}
         self._next_id = 0
 
     def batch(self, prompts: list[list[int]], max_new_tokens: int, sent: float) -> dict[str, Any]:
@@ -213,13 +223,13 @@ class OpenVinoCB:
 # ----------------------------------------------------------------------------- the loop
 
 
-def load(engine: str, model: Path, *, threads: int, n_ctx: int, cache_gb: float) -> Any:
+def load(engine: str, model: Path, *, threads: int, n_ctx: int, cache_gb: float, ov_precision: str) -> Any:
     if engine == "llama.cpp":
         return LlamaCpp(model, threads=threads, n_ctx=n_ctx)
     if engine == "openvino":
-        return OpenVinoLLM(model, threads=threads)
+        return OpenVinoLLM(model, threads=threads, precision=ov_precision)
     if engine == "openvino-cb":
-        return OpenVinoCB(model, threads=threads, cache_gb=cache_gb)
+        return OpenVinoCB(model, threads=threads, cache_gb=cache_gb, precision=ov_precision)
     raise ValueError(f"--engine must be llama.cpp, openvino or openvino-cb, got {engine!r}")
 
 
@@ -252,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=1024, help="llama.cpp context (prompt + new tokens)")
     parser.add_argument("--cache-gb", type=float, default=1.0, help="openvino-cb KV cache size")
+    parser.add_argument("--ov-precision", default="f32", help="openvino: f32 (the same function as PyTorch "
+                        "fp32) or default (OpenVINO's choice for the CPU: bf16 where it has AMX)")
     args = parser.parse_args(argv)
 
     out = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's own copy of stdout
@@ -264,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        peer = load(args.engine, args.model, threads=args.threads, n_ctx=args.n_ctx, cache_gb=args.cache_gb)
+        peer = load(args.engine, args.model, threads=args.threads, n_ctx=args.n_ctx, cache_gb=args.cache_gb,
+                    ov_precision=args.ov_precision)
     except Exception as e:  # the driver reads this line and raises it
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
