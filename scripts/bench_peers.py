@@ -55,7 +55,7 @@ def say(*args: Any) -> None:
 # ----------------------------------------------------------------------------- artefacts
 
 
-def prepare(work: Path, source: str, *, threads: int) -> dict[str, Path]:
+def prepare(work: Path, source: str, *, threads: int, onnx: bool = True) -> dict[str, Path]:
     """HF folder, GGUF files, IR folders and ONNX repositories for one source (made once)."""
     base = work / source
     hf = base / "hf"
@@ -76,7 +76,7 @@ def prepare(work: Path, source: str, *, threads: int) -> dict[str, Path]:
         for r in peers.convert("openvino", hf, base / "ov", types=todo):
             say("  ", r)
     tokenizer = hf / "tokenizer.json" if (hf / "tokenizer.json").is_file() else base / "gguf" / "hf" / "tokenizer.json"
-    for p in ONNX:
+    for p in ONNX if onnx else ():
         repo = base / f"onnx-{p}"
         if not (repo / "gpt" / "config.pbtxt").is_file():
             say(f"{source}: export-model {p}")
@@ -114,7 +114,7 @@ def check(paths: dict[str, Path], prompts: Sequence[Sequence[int]], reference: C
         out[key] = {"greedy_agreement": greedy_agreement([r[1] for r in ref], tokens), "max_abs_dlogit": dlogit,
                     "first_token_agreement": float(np.mean([t[0] == r[1][0] for t, r in zip(tokens, ref)]))}
         say(f"  {key:16s} agreement {out[key]['greedy_agreement']:.3f}  max|Δlogit| {dlogit:.2e}")
-    for p in ONNX:
+    for p in (p for p in ONNX if f"onnx-{p}" in paths):
         loop = OrtLoop(read_repository(paths[f"onnx-{p}"]).engine, threads=threads)
         tokens = [list(loop.generate(q, new_tokens).tokens) for q in prompts]
         out[f"ort-{p}"] = {"greedy_agreement": greedy_agreement([r[1] for r in ref], tokens)}
@@ -147,15 +147,15 @@ def timing(paths: dict[str, Path], *, prompt_tokens: int, new_tokens: int, repea
     prompts = random_prompts(repeats + 1, prompt_tokens, vocab_size=vocab_size, seed=128)
     n_ctx = prompt_tokens + new_tokens + 8
     runs: dict[str, list[dict[str, float]]] = {}
-    engines: dict[str, Callable[[Sequence[int]], tuple[float, float]]] = {}
+    engines: dict[str, Callable[..., tuple[float, float]]] = {}
     workers: list[peers.PeerWorker] = []
     try:
         for p in GGUF:
             if f"onnx-{p}" in paths:
                 loop = OrtLoop(read_repository(paths[f"onnx-{p}"]).engine, threads=threads)
 
-                def ort(prompt: Sequence[int], loop: OrtLoop = loop) -> tuple[float, float]:
-                    t = loop.generate(prompt, new_tokens)
+                def ort(prompt: Sequence[int], n: int = new_tokens, loop: OrtLoop = loop) -> tuple[float, float]:
+                    t = loop.generate(prompt, n)
                     return t.decode_tokens_per_s, t.ttft
 
                 engines[f"ort-{p}"] = ort
@@ -163,14 +163,15 @@ def timing(paths: dict[str, Path], *, prompt_tokens: int, new_tokens: int, repea
                 worker = open_peer(key, paths, threads=threads, n_ctx=n_ctx)
                 workers.append(worker)
 
-                def peer(prompt: Sequence[int], worker: peers.PeerWorker = worker) -> tuple[float, float]:
-                    r = worker.generate(prompt, new_tokens)
+                def peer(prompt: Sequence[int], n: int = new_tokens,
+                         worker: peers.PeerWorker = worker) -> tuple[float, float]:
+                    r = worker.generate(prompt, n)
                     return r.decode_tokens_per_s, r.ttft_s
 
                 engines[key] = peer
         say("timing: warm-up")
         for run in engines.values():
-            run(prompts[-1])
+            run(prompts[-1], 8)  # the first call compiles / allocates
         for i in range(repeats):
             for key, run in engines.items():  # one precision after another, the ORT loop first in each
                 tps, ttft = run(prompts[i])
@@ -249,15 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--only", default="", help="comma-separated peer keys to run (default: all of PEERS)")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-gpt2", action="store_true", help="the demo check only")
+    parser.add_argument("--demo-without-onnx", action="store_true", help="no export-model of the demo (no ORT rows)")
     parser.add_argument("--ov-onnx", action="store_true", help="also run OpenVINO on the static-cache ONNX graph")
     args = parser.parse_args(argv)
     peers.peers_python()  # fail early, with the install command
+    if args.only:
+        global PEERS
+        keep = set(args.only.split(","))
+        PEERS = tuple(spec for spec in PEERS if spec[0] in keep)
     report: dict[str, Any] = {"machine": machine_info(), "threads": args.threads, "started": time.strftime("%F %T")}
     if not args.skip_demo:
         say("demo: artefacts")
-        demo = prepare(args.work, "demo", threads=args.threads)
+        demo = prepare(args.work, "demo", threads=args.threads, onnx=not args.demo_without_onnx)
         from serving.tokenizer import Tokenizer
 
         tok = Tokenizer.from_file(demo["hf"] / "tokenizer.json")
@@ -265,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("demo: correctness against PyTorch")
         report["demo_check"] = check(demo, prompts, torch_reference(demo["hf"], threads=args.threads),
                                      new_tokens=AGREEMENT_NEW_TOKENS, threads=args.threads, n_ctx=256)
+    if args.skip_gpt2:
+        args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        say(f"written {args.out}")
+        return 0
     say("gpt2-random: artefacts")
     gpt2 = prepare(args.work, "gpt2-random", threads=args.threads)
     vocab = json.loads((gpt2["hf"] / "config.json").read_text())["vocab_size"]

@@ -5,7 +5,9 @@
 # constraints file skips it when nothing changed. Not part of `make install` / `make test`.
 #   GPTPIPE_PEERS_VENV   where the venv goes (default ~/.cache/gptpipe/peers-venv)
 #   PYTHON               the interpreter to build it from (default python3)
-# llama-cpp-python compiles llama.cpp from source (~11 minutes on 2 idle cores).
+# llama-cpp-python compiles llama.cpp from source: ~11 minutes on 2 idle cores, 44 minutes on
+# 2 loaded ones (2026-12-01). On a CPU with AMX the build includes llama.cpp's AMX backend, whose
+# q8_0/q4_0 path segfaults here; scripts/peers/worker.py loads without it (see LlamaCpp there).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -56,12 +56,31 @@ class LlamaCpp:
 
     def __init__(self, model: Path, *, threads: int, n_ctx: int) -> None:
         import llama_cpp
+        import llama_cpp.llama_cpp as api
 
-        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, n_gpu_layers=0, logits_all=False, verbose=False)
+        # A build with llama.cpp's AMX backend (-DGGML_NATIVE=ON on an AMX CPU) repacks q8_0/q4_0
+        # weights into AMX buffers and segfaults in the first decode (0.3.36, GPT-2): load without
+        # the extra buffer types there. install_peers.sh compiles AMX out, which keeps them (and
+        # with them the AVX2/AVX-512 q4_0 repacking).
+        system = api.llama_print_system_info().decode(errors="replace")
+        extra_bufts = "AMX_INT8 = 1" not in system
+        defaults = api.llama_model_default_params
+
+        def model_params() -> Any:
+            params = defaults()
+            params.use_extra_bufts = extra_bufts
+            return params
+
+        api.llama_model_default_params = model_params  # Llama() reads its model params from here
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                       n_threads_batch=threads, n_gpu_layers=0, logits_all=False, verbose=False)
+        finally:
+            api.llama_model_default_params = defaults
         ctx, n_vocab = self.llm._ctx.ctx, self.llm.n_vocab()
-        self._last_logits = lambda: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        self.info = {"llama_cpp": llama_cpp.__version__, "n_ctx": self.llm.n_ctx(), "n_vocab": n_vocab}
+        self._last_logits = lambda: np.ctypeslib.as_array(api.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        self.info = {"llama_cpp": llama_cpp.__version__, "n_ctx": self.llm.n_ctx(), "n_vocab": n_vocab,
+                     "extra_bufts": extra_bufts, "system_info": system}
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
         self.llm.reset()  # n_tokens = 0: eval() drops the KV cells past it, so nothing is reused
