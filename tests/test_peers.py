@@ -177,7 +177,7 @@ def test_llama_cpp_matches_transformers(peer_python, tiny_hf, tmp_path):
             assert list(result.token_ids) == tokens
             assert len(result.itl_s) == 15 and result.ttft_s > 0 and result.decode_tokens_per_s > 0
         # a refused request is an error answer; the worker goes on serving
-        with pytest.raises(PeerError, match="exceeds n_ctx 128"):
+        with pytest.raises(PeerError, match=r"max_new_tokens \(200\) exceeds the context 128"):
             worker.generate(PROMPTS[0], 200)
         with pytest.raises(PeerError, match="prompt_ids must be a non-empty list"):
             worker.request({"op": "generate", "prompt_ids": [], "max_new_tokens": 1})

@@ -77,9 +77,12 @@ class LlamaCpp:
                                        n_threads_batch=threads, n_gpu_layers=0, logits_all=False, verbose=False)
         finally:
             api.llama_model_default_params = defaults
+        # llama.cpp pads n_ctx (128 -> 256) and asserts (abort) on positions past the model's own
+        # context (GPT-2's learned position table), so requests are bounded by the smaller one
+        self.context = min(self.llm.n_ctx(), self.llm._model.n_ctx_train())
         ctx, n_vocab = self.llm._ctx.ctx, self.llm.n_vocab()
         self._last_logits = lambda: np.ctypeslib.as_array(api.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        self.info = {"llama_cpp": llama_cpp.__version__, "n_ctx": self.llm.n_ctx(), "n_vocab": n_vocab,
+        self.info = {"llama_cpp": llama_cpp.__version__, "n_ctx": self.context, "n_vocab": n_vocab,
                      "extra_bufts": extra_bufts, "system_info": system}
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
@@ -88,8 +91,9 @@ class LlamaCpp:
         return self._last_logits()
 
     def generate(self, prompt: list[int], max_new_tokens: int, sent: float) -> dict[str, Any]:
-        if len(prompt) + max_new_tokens > self.llm.n_ctx():
-            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds n_ctx {self.llm.n_ctx()}")
+        if len(prompt) + max_new_tokens > self.context:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                             f"{self.context} (n_ctx and the model's own)")
         logits = self._prefill(prompt)
         times: list[float] = []
         tokens: list[int] = []
@@ -104,6 +108,8 @@ class LlamaCpp:
         return _timing(sent, times, tokens)
 
     def logits(self, prompt: list[int]) -> list[float]:
+        if len(prompt) > self.context:
+            raise ValueError(f"prompt ({len(prompt)}) exceeds the context {self.context}")
         return [float(x) for x in self._prefill(prompt)]
 
 
