@@ -5,10 +5,10 @@ Needs the peer venv (bash scripts/install_peers.sh). Runs in the project venv:
   .venv/bin/python scripts/bench_peers.py --work ~/.cache/gptpipe/peers-work --out peers.json
   .venv/bin/python scripts/bench_peers.py --skip-timing        # only the correctness check
 
-1. Weights: `demo` and `gpt2-random` from export.checkpoints.load_model, written as Hugging Face
-   folders (save_model); each converted with serving.peers.convert to GGUF (f32, q8_0, q4_0) and
+1. Weights: `demo` and `gpt2-random` from export.sources.load_model, written as Hugging Face
+   folders (save_model); each converted with serving.bench.peers.convert to GGUF (f32, q8_0, q4_0) and
    OpenVINO IR (fp32, int8, int4), and exported with `export-model` (fp32, int8) for the
-   in-process ONNX Runtime loop (serving.bench.OrtLoop). Everything is kept in --work.
+   in-process ONNX Runtime loop (serving.bench.ort_loop.OrtLoop). Everything is kept in --work.
 2. Correctness: the demo model's greedy tokens (AGREEMENT_PROMPTS, 32 tokens each) from every
    peer and precision against the PyTorch reference (export.model), position by position, plus
    max |logit difference| after each prompt; on gpt2-random (near-flat random logits, so greedy
@@ -31,9 +31,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from serving import peers
-from serving.bench import AGREEMENT_NEW_TOKENS, AGREEMENT_PROMPTS, OrtLoop, greedy_agreement, machine_info, \
-    random_prompts, read_repository
+from serving.bench import peers
+from serving.bench.ort_loop import AGREEMENT_NEW_TOKENS, OrtLoop
+from serving.bench.probes import machine_info
+from serving.bench.served import read_repository
+from serving.bench.stats import greedy_agreement, random_prompts
+from serving.bench.targets import AGREEMENT_PROMPTS
 
 GGUF = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 OV = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
@@ -60,7 +63,8 @@ def prepare(work: Path, source: str, *, threads: int, onnx: bool = True) -> dict
     base = work / source
     hf = base / "hf"
     if not (hf / "model.safetensors").is_file():
-        from export.checkpoints import load_model, save_model
+        from export.load import save_model
+        from export.sources import load_model
 
         model, tok = load_model(source)
         save_model(model, tok, hf)
@@ -125,7 +129,7 @@ def check(paths: dict[str, Path], prompts: Sequence[Sequence[int]], reference: C
 def torch_reference(hf: Path, *, threads: int) -> Callable[[Sequence[int], int], Any]:
     import torch
 
-    from export.checkpoints import load_model
+    from export.sources import load_model
     from export.model import generate_greedy
 
     torch.set_num_threads(threads)
@@ -208,8 +212,8 @@ def timing(paths: dict[str, Path], *, prompt_tokens: int, new_tokens: int, repea
 def ov_on_onnx(paths: dict[str, Path], work: Path, *, prompt_tokens: int, new_tokens: int, threads: int,
                vocab_size: int, profile: bool) -> dict[str, Any]:
     """OpenVINO's runtime on the static-cache ONNX graph (scripts/peers/ov_onnx.py), checked
-    against serving.runtime's ORT step on the same prompt."""
-    from serving.runtime import OrtRuntime
+    against serving.engine.runtime's ORT step on the same prompt."""
+    from serving.engine.runtime import OrtRuntime
 
     out: dict[str, Any] = {}
     for p in ONNX:

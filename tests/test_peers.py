@@ -1,4 +1,4 @@
-"""The peer engines' driver (serving.peers): JSON-lines framing, bounded reads, the missing-venv
+"""The peer engines' driver (serving.bench.peers): JSON-lines framing, bounded reads, the missing-venv
 message, and — where scripts/install_peers.sh has made the peer venv — the real worker
 (scripts/peers/worker.py) on llama.cpp and OpenVINO conversions of a tiny random GPT-2, checked
 against transformers' GPT2LMHeadModel on the same weights."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving import peers
-from serving.peers import LineReader, PeerError, PeerResult, PeersUnavailable, PeerTimeout, PeerWorker, encode
+from serving.bench import peers
+from serving.bench.peers import LineReader, PeerError, PeerResult, PeersUnavailable, PeerTimeout, PeerWorker, encode
 
 # ----------------------------------------------------------------------------- no peer venv needed
 
@@ -136,8 +136,8 @@ def tiny_hf(tmp_path_factory):
     model read back from it: the reference."""
     import torch
 
-    from export.bench_baselines import load_transformers_model
-    from export.checkpoints import save_model
+    from export.baselines import load_transformers_model
+    from export.load import save_model
     from export.config import GPTConfig
     from export.model import GPT
     from tests.conftest import train_tokenizer

@@ -4,7 +4,7 @@ and drive `scripts/peers/worker.py` there over JSON lines, every read bounded.
 The peers live in their own venv (they bring their own numpy/torch stack), made once by
 `scripts/install_peers.sh`; this module never imports them, nor torch. Example::
 
-    from serving.peers import PeerWorker, convert
+    from serving.bench.peers import PeerWorker, convert
 
     convert("gguf", "hf-folder", "out/gguf")  # f32.gguf, q8_0.gguf, q4_0.gguf
     with PeerWorker("llama.cpp", "out/gguf/q8_0.gguf", threads=2) as peer:
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 ENGINES = ("llama.cpp", "openvino", "openvino-cb")
 OV_PRECISIONS = ("f32", "default")
 INSTALL_SCRIPT = "scripts/install_peers.sh"
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "peers"  # a source checkout's scripts/peers
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "peers"  # a source checkout's scripts/peers
 STAMP = ".gptpipe-peers-installed"  # written by install_peers.sh once everything imports
 MAX_LINE_BYTES = 64 * 2**20  # a logits line of a 50k vocabulary is ~1 MB
 STDERR_TAIL_BYTES = 4000
@@ -182,7 +182,7 @@ class PeerWorker:
             raise ValueError(f"ov_precision must be one of {', '.join(OV_PRECISIONS)}, got {ov_precision!r}")
         model = Path(model)
         if not model.exists():
-            raise FileNotFoundError(f"model: {model} does not exist (convert it first: serving.peers.convert)")
+            raise FileNotFoundError(f"model: {model} does not exist (convert it first: serving.bench.peers.convert)")
         python = peers_python(venv)
         self.engine, self.model, self.threads, self.timeout_s = engine, model, threads, timeout_s
         cmd = [str(python), str(SCRIPTS / "worker.py"), "--engine", engine, "--model", str(model),
@@ -294,7 +294,7 @@ class PeerWorker:
 
 def peer_generator(worker: PeerWorker) -> Callable[[Sequence[int], int], Any]:
     """A bench Generator (prompt ids, max tokens) -> RequestTiming timed by the peer in process."""
-    from serving.bench import RequestTiming  # the bench's timing record (the bench imports this module lazily)
+    from serving.bench.stats import RequestTiming  # the bench's timing record
 
     def generate(prompt: Sequence[int], max_tokens: int) -> Any:
         sent = time.perf_counter()
