@@ -78,3 +78,17 @@ def test_template_sources(tmp_path):
     (repo / "tokenizer" / "1" / "chat_template.jinja").write_text(CHATML)
     assert load_chat_template(None, repo)[0] == CHATML
     assert load_chat_template(tmp_path / "chat_template.jinja", repo)[0] == TRICKY
+
+
+def test_export_copies_the_checkpoints_template(tmp_path):
+    from export.cli import copy_chat_template
+
+    repo, ckpt = tmp_path / "repo", tmp_path / "ckpt"
+    (repo / "tokenizer" / "1").mkdir(parents=True)
+    ckpt.mkdir()
+    assert copy_chat_template(repo, model="demo", tokenizer=None) is None
+    assert copy_chat_template(repo, model=str(ckpt), tokenizer=None) is None
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    target = copy_chat_template(repo, model=str(ckpt), tokenizer=None)
+    assert target == repo / "tokenizer" / "1" / "chat_template.jinja" and target.read_text() == CHATML
+    assert load_chat_template(None, repo) == (CHATML, str(target))
