@@ -212,3 +212,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(frontend):  # noqa:
     assert wait_for(lambda: served.active_sequences() == 0, timeout=2)
     steps = metric(served.server, "gptpipe_step_requests_total") - steps_before
     assert steps < 100, f"{steps} steps ran for a stream of 120 tokens that was abandoned after the first"
+
+
+def test_the_load_generator_pairs_the_frontend_with_the_direct_client(frontend):  # noqa: F811
+    from serving.openai.loadgen import compare
+
+    (level,) = asyncio.run(compare(frontend.base_url, frontend.served.server.grpc_url, MODEL, concurrency=[2],
+                                   requests_per_stream=1, max_tokens=8, prompt_tokens=4, rounds=1))
+    (front,), (direct,) = level["openai"], level["grpc"]
+    assert front["tokens"] == direct["tokens"] == 2 * 8  # every request made exactly max_tokens tokens
+    assert level["ratio_median"] > 0 and front["ttft_ms"] > 0 and direct["itl_ms"] > 0
