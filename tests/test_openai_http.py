@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 from contextlib import ExitStack, closing
 
 import pytest
@@ -207,7 +208,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(frontend):  # noqa:
     response = conn.getresponse()
     assert response.status == 200
     response.fp.readline()  # the first event's line
-    conn.sock.close()  # gone, mid-stream
+    conn.sock.shutdown(socket.SHUT_RDWR)  # gone, mid-stream (close() alone waits for response.fp)
     conn.close()
     assert wait_for(lambda: served.active_sequences() == 0, timeout=2)
     steps = metric(served.server, "gptpipe_step_requests_total") - steps_before
@@ -222,3 +223,13 @@ def test_the_load_generator_pairs_the_frontend_with_the_direct_client(frontend):
     (front,), (direct,) = level["openai"], level["grpc"]
     assert front["tokens"] == direct["tokens"] == 2 * 8  # every request made exactly max_tokens tokens
     assert level["ratio_median"] > 0 and front["ttft_ms"] > 0 and direct["itl_ms"] > 0
+
+
+def test_a_huge_prompt_is_refused_by_its_size_before_tokenizing(frontend):  # noqa: F811
+    import time
+
+    start = time.perf_counter()
+    status, _, body = frontend.request("POST", COMPLETIONS, {"model": MODEL, "prompt": "word " * 700_000,
+                                                             "max_tokens": 4})
+    _assert_openai_error(status, body, 400, "prompt", "context_length_exceeded")
+    assert "at least" in body["error"]["message"] and time.perf_counter() - start < 5

@@ -118,11 +118,12 @@ class _Observe:
                 status = message["status"]
             await send(message)
 
-        self.metrics.in_flight += 1
+        counted = path.startswith("/v1/")
+        self.metrics.in_flight += counted
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.metrics.in_flight -= 1
+            self.metrics.in_flight -= counted
             self.metrics.request_done(endpoint, status, time.perf_counter() - start)
 
     def _authorized(self, scope: dict) -> bool:

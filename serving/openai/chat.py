@@ -56,7 +56,11 @@ def messages_of(req: ChatCompletionRequest) -> list[dict[str, Any]]:
                                       f"{where}.content[{j}]")
                 parts.append(part["text"])
             text = "".join(parts)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        name = (m.model_extra or {}).get("name")
+        if name is not None and not isinstance(name, str):
+            raise bad_request(f"{where}.name must be a string", f"{where}.name")
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text,
+                    **({"name": name} if name is not None else {})})
     return out
 
 
@@ -91,9 +95,10 @@ async def create_chat_completion(req: ChatCompletionRequest, engine: Engine, met
                       bos_token="", eos_token=await engine.eos_token())
     except TemplateError as e:
         raise bad_request(str(e), "messages") from None
-    ids = await engine.encode(text)
+    asked = req.max_completion_tokens or req.max_tokens
+    ids = await engine.encode(text, param="messages", max_tokens=asked or 1, max_tokens_field=field)
     # no max_tokens: as much as the context leaves (OpenAI's default for chat)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, limit - len(ids))
+    max_tokens = asked or max(1, limit - len(ids))
     sampling = sampling_of(req, max_tokens=max_tokens, logprobs=req.logprobs)
     await engine.check_prompt(ids, sampling, param="messages", max_tokens_field=field)
     timer = Timer(metrics)

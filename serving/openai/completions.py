@@ -55,7 +55,8 @@ async def create_completion(req: CompletionRequest, engine: Engine, metrics: Met
         raise not_supported("echo", "with logprobs (prompt log-probs)")
     sampling = sampling_of(req, max_tokens=req.max_tokens or 16, logprobs=req.logprobs is not None)
     texts = prompts_of(req.prompt)
-    prompts = [await engine.encode(p) if isinstance(p, str) else p for p in texts]
+    prompts = [await engine.encode(p, param="prompt", max_tokens=sampling.max_tokens) if isinstance(p, str) else p
+               for p in texts]
     for ids in prompts:
         await engine.check_prompt(ids, sampling, param="prompt")
     echoes = [(p if isinstance(p, str) else await engine.decode(p)) if req.echo else "" for p in texts]

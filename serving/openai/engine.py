@@ -60,6 +60,7 @@ class Engine:
                  timeout_s: float = 60.0) -> None:
         self.url, self.loop, self.queue_timeout, self.timeout_s = url, loop, queue_timeout, timeout_s
         self._client: Optional[AsyncClient] = None
+        self._max_token_bytes: Optional[int] = None
 
     async def client(self) -> AsyncClient:
         if self._client is None:
@@ -79,8 +80,27 @@ class Engine:
             await self._client.close()
             self._client = None
 
-    async def encode(self, text: str) -> list[int]:
-        return (await self.client()).tokenizer.encode(text)
+    async def encode(self, text: str, *, param: str, max_tokens: int, max_tokens_field: str = "max_tokens"
+                     ) -> list[int]:
+        """Token ids of ``text``, in a worker thread (a long prompt must not stall the event
+        loop). A text with more UTF-8 bytes than the context's tokens can hold (a token has at
+        most ``max_token_bytes`` bytes) is refused at once, without tokenizing it."""
+        client = await self.client()
+        limit = client.generation_config.n_positions
+        size = len(text.encode("utf-8", errors="surrogatepass"))
+        if size > limit * await self.max_token_bytes():
+            least = -(-size // await self.max_token_bytes())
+            raise context_length_exceeded(prompt_tokens=least, max_tokens=max_tokens, limit=limit, param=param,
+                                          max_tokens_field=max_tokens_field, at_least=True)
+        return await asyncio.to_thread(client.tokenizer.encode, text)
+
+    async def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token of the vocabulary decodes to (computed once)."""
+        if self._max_token_bytes is None:
+            tokenizer = (await self.client()).tokenizer
+            self._max_token_bytes = await asyncio.to_thread(
+                lambda: max(len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)))
+        return max(1, self._max_token_bytes)
 
     async def decode(self, ids: Sequence[int]) -> str:
         return (await self.client()).tokenizer.decode(list(ids))

@@ -56,10 +56,12 @@ def unknown_model(model: str, served: str) -> OpenAIError:
 
 
 def context_length_exceeded(*, prompt_tokens: int, max_tokens: int, limit: int, param: str,
-                            max_tokens_field: str = "max_tokens") -> OpenAIError:
+                            max_tokens_field: str = "max_tokens", at_least: bool = False) -> OpenAIError:
+    """at_least: prompt_tokens is a lower bound (a prompt refused by its size, not tokenized)."""
+    more = "at least " if at_least else ""
     return bad_request(
         f"This model's maximum context length is {limit} tokens. However, you requested "
-        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} in "
+        f"{more}{prompt_tokens + max_tokens} tokens ({more}{prompt_tokens} in the {param}, {max_tokens} in "
         f"{max_tokens_field}). Please reduce the length of the {param} or {max_tokens_field}.",
         param, "context_length_exceeded")
 
