@@ -134,3 +134,19 @@ def test_async_client_concurrent_streams(frontend):  # noqa: F811
             assert texts[0] == texts[1] == whole.choices[0].message.content
 
     asyncio.run(main())
+
+
+def test_echo_penalties_and_stop_token_ids(client, frontend):  # noqa: F811
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    plain = client.completions.create(**args, extra_body={"ignore_eos": True})
+    echoed = client.completions.create(**args, echo=True, extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    penalised = client.completions.create(**args, frequency_penalty=2.0, extra_body={"ignore_eos": True})
+    assert penalised.choices[0].text != plain.choices[0].text  # greedy on the tiny model repeats itself
+    ids = frontend.served.tokenizer.encode(PROMPT)
+    _, ref = _reference_text(frontend, ids, 12)
+    stop_id = ref[2]
+    cut = client.completions.create(**args, extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens == ref.index(stop_id) + 1
+    assert cut.choices[0].text == frontend.served.tokenizer.decode(ref[: ref.index(stop_id)])
