@@ -57,8 +57,7 @@ for c in $CONCURRENCY; do
   echo "==> aiperf profile: chat, streaming, concurrency $c"
   "$VENV/bin/aiperf" profile --model "$MODEL" --url "$URL" --endpoint-type chat --streaming \
     --concurrency "$c" --request-count "$REQUESTS" --tokenizer "$TOK_DIR" \
-    --synthetic-input-tokens-mean "$INPUT_TOKENS" --synthetic-input-tokens-stddev 0 \
-    --output-tokens-mean "$OUTPUT_TOKENS" --output-tokens-stddev 0 \
+    --isl "$INPUT_TOKENS" --isl-stddev 0 --osl "$OUTPUT_TOKENS" --osl-stddev 0 \
     --extra-inputs ignore_eos:true --extra-inputs "max_tokens:$OUTPUT_TOKENS" \
     --artifact-dir "$OUT/concurrency-$c"
 done

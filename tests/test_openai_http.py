@@ -13,6 +13,7 @@ from contextlib import ExitStack, closing
 import pytest
 
 from serving import Client
+from serving.openai.protocol import ChatCompletionChunk
 from tests.conftest import metric, wait_for
 from tests.openai_fixtures import MODEL, Frontend, frontend  # noqa: F401 - the fixture
 
@@ -131,6 +132,9 @@ def test_sse_framing(frontend):  # noqa: F811
     chunks = _sse_events(frontend, CHAT, {"model": MODEL, "messages": USER, "max_tokens": 6, "stream": True, "n": 2,
                                           "seed": 1, "stream_options": {"include_usage": True}})
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    for c in chunks:  # the hand-formatted chunks are what the response model describes
+        assert ChatCompletionChunk.model_validate(c).model_dump(exclude={"choices"}) == \
+            {k: v for k, v in c.items() if k != "choices"}
     for index in (0, 1):
         mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
         assert "role" in mine[0]["delta"] and all("role" not in c["delta"] for c in mine[1:])

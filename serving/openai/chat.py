@@ -6,19 +6,26 @@ from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from serving.openai.chat_template import TemplateError, render
-from serving.openai.common import Choice, Timer, first_or_error, framed, run_choices, sampling_of, sse, stream_choices
+from serving.openai.common import (
+    Choice,
+    ChunkWriter,
+    Timer,
+    first_or_error,
+    framed,
+    run_choices,
+    sampling_of,
+    sse,
+    stream_choices,
+)
 from serving.openai.engine import Engine, Token
 from serving.openai.errors import bad_request, not_supported
 from serving.openai.metrics import Metrics
 from serving.openai.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
-    Delta,
     TokenLogprob,
     Usage,
     new_id,
@@ -120,13 +127,14 @@ def _stream(req: ChatCompletionRequest, engine: Engine, ids: list[int], sampling
             metrics: Metrics, model: str, include_usage: bool) -> AsyncIterator[str]:
     rid, created = new_id("chatcmpl"), now()
 
-    def chunk(index: int, delta: Delta, finish: Optional[str] = None,
+    write = ChunkWriter({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model},
+                        include_usage)
+
+    def chunk(index: int, delta: dict[str, str], finish: Optional[str] = None,
               logprobs: Optional[ChoiceLogprobs] = None) -> str:
-        body = ChatCompletionChunk(id=rid, created=created, model=model, choices=[
-            ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])
-        data = body.model_dump(exclude={"usage"}) | ({"usage": None} if include_usage else {})
-        data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # the finish chunk's is {}
-        return sse(data)
+        # the finish chunk's delta is {}
+        return write({"index": index, "delta": delta, "logprobs": logprobs.model_dump() if logprobs else None,
+                      "finish_reason": finish})
 
     async def events() -> AsyncIterator[str]:
         started: set[int] = set()
@@ -137,14 +145,15 @@ def _stream(req: ChatCompletionRequest, engine: Engine, ids: list[int], sampling
             logprobs = _token_logprobs([token]) if req.logprobs else None
             if index not in started:  # the role, only in a choice's first delta
                 started.add(index)
-                yield chunk(index, Delta(role="assistant", content=token.text), logprobs=logprobs)
+                yield chunk(index, {"role": "assistant", "content": token.text}, logprobs=logprobs)
             elif token.text or logprobs is not None:
-                yield chunk(index, Delta(content=token.text), logprobs=logprobs)
+                yield chunk(index, {"content": token.text}, logprobs=logprobs)
             if token.finish_reason:
-                yield chunk(index, Delta(), token.finish_reason)
+                yield chunk(index, {}, token.finish_reason)
         metrics.tokens(len(ids), completion_tokens)
         if include_usage:
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": Usage.of(len(ids), completion_tokens).model_dump()})
+                       "choices": [], "usage": Usage.of(len(ids), completion_tokens).model_dump(),
+                       "system_fingerprint": None})
 
     return events()

@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Optional
 
-from serving.openai.common import Choice, Timer, first_or_error, framed, run_choices, sampling_of, sse, stream_choices
+from serving.openai.common import (
+    Choice,
+    ChunkWriter,
+    Timer,
+    first_or_error,
+    framed,
+    run_choices,
+    sampling_of,
+    sse,
+    stream_choices,
+)
 from serving.openai.engine import Engine, Token
 from serving.openai.errors import bad_request, not_supported
 from serving.openai.metrics import Metrics
@@ -99,10 +109,11 @@ def _stream(req: CompletionRequest, engine: Engine, prompts: list[list[int]], sa
     started: set[int] = set()
     completion_tokens = 0
 
+    write = ChunkWriter({"id": rid, "object": "text_completion", "created": created, "model": model}, include_usage)
+
     def chunk(index: int, text: str, finish: Optional[str], logprobs: Optional[CompletionLogprobs] = None) -> str:
-        body = CompletionResponse(id=rid, created=created, model=model, choices=[
-            CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)])
-        return sse(body.model_dump(exclude={"usage"}) | ({"usage": None} if include_usage else {}))
+        return write({"index": index, "text": text, "logprobs": logprobs.model_dump() if logprobs else None,
+                      "finish_reason": finish})
 
     async def events() -> AsyncIterator[str]:
         nonlocal completion_tokens
@@ -122,6 +133,7 @@ def _stream(req: CompletionRequest, engine: Engine, prompts: list[list[int]], sa
         metrics.tokens(prompt_tokens, completion_tokens)
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": Usage.of(prompt_tokens, completion_tokens).model_dump()})
+                       "choices": [], "usage": Usage.of(prompt_tokens, completion_tokens).model_dump(),
+                       "system_fingerprint": None})
 
     return events()
