@@ -58,7 +58,7 @@ for c in $CONCURRENCY; do
   "$VENV/bin/aiperf" profile --model "$MODEL" --url "$URL" --endpoint-type chat --streaming \
     --concurrency "$c" --request-count "$REQUESTS" --tokenizer "$TOK_DIR" \
     --isl "$INPUT_TOKENS" --isl-stddev 0 --osl "$OUTPUT_TOKENS" --osl-stddev 0 \
-    --extra-inputs ignore_eos:true --extra-inputs "max_tokens:$OUTPUT_TOKENS" \
+    --extra-inputs ignore_eos:true --extra-inputs "max_tokens:$OUTPUT_TOKENS" --use-server-token-count \
     --artifact-dir "$OUT/concurrency-$c"
 done
 echo "results under $OUT"
