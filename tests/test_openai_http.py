@@ -249,7 +249,7 @@ def test_a_cancelled_generation_stops_and_sends_end(frontend):  # noqa: F811
     asyncio.run(main())
     assert wait_for(lambda: served.active_sequences() == 0, timeout=2)
     steps = metric(served.server, "gptpipe_step_requests_total") - steps_before
-    assert steps < 60, f"{steps} steps ran for a generation of 120 tokens cancelled after the first"
+    assert steps <= 4, f"{steps} steps ran for a generation of 120 tokens cancelled after the first"
 
 
 def test_the_load_generator_pairs_the_frontend_with_the_direct_client(frontend):  # noqa: F811

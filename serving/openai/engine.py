@@ -138,8 +138,10 @@ class Engine:
 
         The client's iterator runs in a task of its own: when this generator is cancelled (the
         HTTP client went away; Starlette cancels the response's task group, and keeps
-        cancelling at every await), that task gets one plain cancellation, and the client's
-        cleanup, the END step that frees the KV slot, runs to the end there."""
+        cancelling at every await), that task is told to stop: it lets the step in flight
+        answer, then closes the iterator, whose END step (on the same stream) frees the KV
+        slot. (Cancelling the step in flight instead made the END race it on a new stream,
+        and the slot could stay taken until the idle timeout.)"""
         client = await self.client()
         seed = None if sampling.seed is None else sampling.seed + seed_offset
         try:
@@ -152,7 +154,8 @@ class Engine:
         except GptpipeError as e:
             raise from_client_error(e, fields=sampling.fields) from None
         queue: asyncio.Queue = asyncio.Queue()
-        pump = _background(_pump(events, queue))
+        stop = asyncio.Event()
+        pump = _background(_pump(events, queue, stop))
         try:
             while True:
                 item = await queue.get()
@@ -168,8 +171,7 @@ class Engine:
                 finish = FINISH.get(item.finish_reason) if item.finish_reason else None
                 yield Token(item.token_id, item.text, item.logprob, finish, item.latency_s)
         finally:
-            if not pump.done():
-                pump.cancel()  # the client's iterator sends END as it unwinds
+            stop.set()  # the pump closes the client's iterator after the step in flight
 
 
 _DONE = object()
@@ -183,17 +185,20 @@ def _background(coro: Any) -> asyncio.Task:
     return task
 
 
-async def _pump(events: AsyncIterator[Any], queue: asyncio.Queue) -> None:
+async def _pump(events: AsyncIterator[Any], queue: asyncio.Queue, stop: asyncio.Event,
+                timeout_s: float = 120.0) -> None:
     try:
         async for event in events:
+            if stop.is_set():
+                break  # the reader is gone
             queue.put_nowait(event)
-        queue.put_nowait(_DONE)
-    except asyncio.CancelledError:
-        pass  # the reader is gone; the iterator's own cleanup has run
+        else:
+            queue.put_nowait(_DONE)
     except BaseException as e:  # noqa: BLE001 - handed to the reader
         queue.put_nowait(e)
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        # END (or nothing, when the generation finished); bounded, like every wait
+        await asyncio.wait_for(events.aclose(), timeout_s)  # type: ignore[attr-defined]
 
 
 async def merge(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
