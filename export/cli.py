@@ -236,6 +236,7 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
         def write() -> None:
             write_repository(staging, engine_file=result.path, tokenizer_json=tok.to_str(),
                              model_config=result.config, options=options, extra_files=extra)
+            copy_chat_template(staging, model=model, tokenizer=tokenizer)
             shutil.rmtree(build)
             from export.manifest import tensor_table, write_manifest
 
@@ -250,6 +251,21 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     console.print(summary_table(result, stages, output))
+
+
+def copy_chat_template(repository: Path, *, model: str, tokenizer: Optional[Path]) -> Optional[Path]:
+    """The checkpoint's chat template (its chat_template.jinja, or tokenizer_config.json's
+    chat_template) into tokenizer/1/, where the OpenAI frontend finds it; None if it has none."""
+    from serving.openai.chat_template import CHAT_TEMPLATE_FILE, checkpoint_chat_template
+
+    folders = [Path(p) for p in (tokenizer, model) if p is not None]
+    for folder in (f if f.is_dir() else f.parent for f in folders if f.exists()):
+        template = checkpoint_chat_template(folder)
+        if template is not None:
+            target = Path(repository) / "tokenizer" / "1" / CHAT_TEMPLATE_FILE
+            target.write_text(template, encoding="utf-8")
+            return target
+    return None
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
