@@ -133,6 +133,9 @@ VOCAB = "vocab_size"
 CONTROL_START = "START"
 CONTROL_END = "END"
 CONTROL_CORRID = "CORRID"
+# A request parameter (bool) of a `gpt` step sent over a gRPC stream: keep the step's request
+# open until the sequence's next step, as a lease whose cancellation frees the KV slot at once.
+LEASE_PARAMETER = "gptpipe_lease"
 
 # `gpt`: one step of one sequence; the KV cache stays on the server, keyed by the correlation id.
 GPT_MODEL = "gpt"

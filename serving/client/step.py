@@ -98,7 +98,7 @@ def _no_http_stream(stream: bool) -> None:
 class _StepRequest:
     """The one ModelInferRequest of a sequence, reused for every step of it."""
 
-    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False) -> None:
+    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False, lease: bool = False) -> None:
         from tritonclient.grpc import service_pb2
 
         req = service_pb2.ModelInferRequest(model_name=model)
@@ -108,6 +108,8 @@ class _StepRequest:
         self.output = _step_output(argmax)
         req.outputs.add().name = self.output.name
         req.parameters["sequence_id"].int64_param = correlation_id
+        if lease:  # over a stream: `gpt` frees the slot as soon as the stream dies
+            req.parameters[tensors.LEASE_PARAMETER].bool_param = True
         self._start = req.parameters["sequence_start"]
         self._end = req.parameters["sequence_end"]
         req.raw_input_contents.append(b"")

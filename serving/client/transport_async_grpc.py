@@ -44,7 +44,7 @@ class _AsyncGrpcTransport:
 
     def sequence(self, correlation_id: int, *, argmax: bool = False, stream: bool = False):
         """async step(tokens, start=, end=) (see serving.client.step); stream: over a gRPC stream."""
-        request = _StepRequest(self.model, correlation_id, argmax=argmax)
+        request = _StepRequest(self.model, correlation_id, argmax=argmax, lease=stream)
         if stream:
             return _async_grpc_stream_step(self._ensure, request, model=self.model, url=self.url,
                                            timeout=self.timeout)

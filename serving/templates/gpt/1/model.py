@@ -16,23 +16,38 @@ Two flavours, chosen by the config's transaction policy:
   each call it waits, up to `max_step_wait_microseconds`, for every sequence of the previous
   call that is still active to send its next step, so N concurrent streams step together in one
   call. Clients reach a decoupled model over a gRPC stream (the gptpipe client does this itself).
+
+A client's steps may carry the request parameter `gptpipe_lease` (the gptpipe client's stream
+steps do): the step's response is then sent without the FINAL flag, and the request stays
+open until the sequence's next step arrives. That open request is the sequence's lease: when
+the client's stream dies (the process is killed, the connection drops), Triton reports the
+request cancelled, and a watcher thread frees the sequence's KV slot within about a second
+instead of at the idle timeout. The same thread reaps idle sequences and refreshes the pool
+gauges without waiting for traffic.
 """
 
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving import tensors
+from serving.errors import InvalidParameterError
 from serving.kv_cache import KVPool
 from serving.runtime import load_runtime
+from serving.request_rules import check_known_fields
 from serving.sampling import greedy_token
 from serving.scheduler import Scheduler, StepQueue, StepRequest
 
 logger = logging.getLogger("gptpipe.triton.gpt")
+
+LEASE_PARAMETER = tensors.LEASE_PARAMETER  # a step that keeps its request open as the sequence's lease
+WATCH_INTERVAL_S = 0.25  # how often dead clients' leases and idle sequences are looked for
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
@@ -57,28 +72,69 @@ class TritonPythonModel:
         self.scheduler = Scheduler(self.runtime, self.pool, vocab_size=model_config["vocab_size"],
                                    idle_timeout_s=idle_us / 1e6)
         self._init_metrics(config["name"])
+        self._lock = threading.Lock()  # the scheduler, the leases and the metrics
+        self._leases = {}  # sequence id -> the response sender of its open last step
+        self._stop = threading.Event()
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         if self.decoupled:
             self._queue = StepQueue(int(params.get("max_step_wait_microseconds") or 0) / 1e6)
             self._thread = threading.Thread(target=self._loop, name="gpt-inflight", daemon=True)
             self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="gpt-watch", daemon=True)
+        self._watcher.start()
         logger.info("gpt: %d slots x %d positions, KV pool %.1f MiB%s", self.pool.max_sequences,
                     self.pool.max_length, self.pool.nbytes / 2**20,
                     f", in-flight batching (wait <= {self._queue.wait_s * 1e3:g} ms)" if self.decoupled else "")
 
     def execute(self, requests):
-        steps = [self._parse(request) for request in requests]
+        parsed = [self._parse(request) for request in requests]
+        steps = [step for step, _ in parsed]
         if not self.decoupled:
-            return self._run(requests, steps)
-        for request, step in zip(requests, steps):
+            with self._lock:
+                return self._run(requests, steps)
+        for request, (step, lease) in zip(requests, parsed):
             sequence_id = None if isinstance(step, str) else step.sequence_id
-            self._queue.put(sequence_id, (request, step, request.get_response_sender()))
+            self._queue.put(sequence_id, (request, step, request.get_response_sender(), lease))
         return None
 
     def finalize(self):
+        self._stop.set()
         if self.decoupled:
             self._queue.close()
             self._thread.join(timeout=10)
+        self._watcher.join(timeout=5)
+        with self._lock:
+            for sequence_id in list(self._leases):
+                self._end_lease(sequence_id)
+
+    # ------------------------------------------------------------------ leases and the watcher
+
+    def _end_lease(self, sequence_id):
+        """Complete the open request of a sequence's previous step (call with the lock held)."""
+        sender = self._leases.pop(sequence_id, None)
+        if sender is not None:
+            try:
+                sender.send(flags=_FINAL)
+            except Exception:  # noqa: BLE001 - the client may be gone already
+                logger.debug("could not complete the lease of sequence %d", sequence_id)
+
+    def _watch(self):
+        """Free the slots of sequences whose client went away, reap idle ones, refresh the gauges."""
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            try:
+                with self._lock:
+                    for sequence_id, sender in list(self._leases.items()):
+                        if sender.is_cancelled():
+                            logger.info("the client of sequence %d went away; freeing its slot", sequence_id)
+                            self.scheduler.release(sequence_id)
+                            self._end_lease(sequence_id)
+                    self.scheduler.free_idle()
+                    for sequence_id in set(self._leases) - self.scheduler.sequence_ids():
+                        self._end_lease(sequence_id)  # idled out: nothing left to hold
+                    self._update_metrics(0)
+            except Exception:  # noqa: BLE001 - the watcher must keep watching
+                logger.exception("gpt watcher failed")
+                time.sleep(WATCH_INTERVAL_S)
 
     # ------------------------------------------------------------------ in-flight batching
 
@@ -88,19 +144,28 @@ class TritonPythonModel:
             batch, ids = self._queue.gather(cohort)
             if not batch:
                 return
-            requests, steps, senders = zip(*batch)
-            try:
-                responses = self._run(requests, steps)
-            except Exception as e:  # noqa: BLE001 - the thread must keep serving
-                logger.exception("gpt step failed")
-                error = pb_utils.TritonError(f"gpt step failed: {e}")
-                responses = [pb_utils.InferenceResponse(error=error) for _ in requests]
-            for sender, response in zip(senders, responses):
+            requests, steps, senders, leases = zip(*batch)
+            with self._lock:
+                for step in steps:  # the previous step of each sequence is answered: complete it
+                    if not isinstance(step, str):
+                        self._end_lease(step.sequence_id)
                 try:
-                    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                except Exception:  # noqa: BLE001 - e.g. the client went away
-                    logger.exception("could not send a gpt response")
-            cohort = self.scheduler.sequence_ids() & ids
+                    responses = self._run(requests, steps)
+                except Exception as e:  # noqa: BLE001 - the thread must keep serving
+                    logger.exception("gpt step failed")
+                    error = pb_utils.TritonError(f"gpt step failed: {e}")
+                    responses = [pb_utils.InferenceResponse(error=error) for _ in requests]
+                for step, sender, lease, response in zip(steps, senders, leases, responses):
+                    keep = (lease and not isinstance(step, str) and not step.end and not response.has_error()
+                            and step.sequence_id in self.scheduler.sequence_ids())
+                    try:
+                        sender.send(response, flags=0 if keep else _FINAL)
+                    except Exception:  # noqa: BLE001 - e.g. the client went away
+                        logger.exception("could not send a gpt response")
+                        keep = False
+                    if keep:
+                        self._leases[step.sequence_id] = sender
+                cohort = self.scheduler.sequence_ids() & ids
 
     # ------------------------------------------------------------------ one batch
 
@@ -143,20 +208,28 @@ class TritonPythonModel:
 
     @staticmethod
     def _parse(request):
-        """A StepRequest, or an error message for a request that cannot be one."""
+        """(a StepRequest or an error message for a request that cannot be one, whether the
+        step keeps its request open as the sequence's lease)."""
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+            check_known_fields(parameters, (LEASE_PARAMETER,), where=f" of the {tensors.GPT_MODEL} request")
+        except InvalidParameterError as e:
+            return f"invalid parameter: {e}", False
+        lease = parameters.get(LEASE_PARAMETER) is True
+
         def scalar(name):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
         ids = pb_utils.get_input_tensor_by_name(request, tensors.INPUT_IDS).as_numpy()
         if ids.ndim != 2 or ids.shape[0] != 1:
-            return f"input_ids must have shape [1, tokens] (one sequence per request), got {list(ids.shape)}"
+            return f"input_ids must have shape [1, tokens] (one sequence per request), got {list(ids.shape)}", False
         return StepRequest(
             sequence_id=int(scalar(tensors.CONTROL_CORRID)),
             tokens=ids[0].astype(np.int64, copy=False),
             start=bool(scalar(tensors.CONTROL_START)),
             end=bool(scalar(tensors.CONTROL_END)),
-        )
+        ), lease
 
     def _init_metrics(self, model_name):
         labels = {"model": model_name}
