@@ -172,6 +172,13 @@ def _grpc_eof():
     return grpc.aio.EOF
 
 
+def grpc_errors() -> type:
+    """The exception type of a failed gRPC call (a status the server or the channel set)."""
+    import grpc
+
+    return grpc.RpcError
+
+
 def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, model: str, url: str,
                             timeout: float):
     """asyncio: the steps of one sequence over one ModelStreamInfer stream (a decoupled `gpt`: its
@@ -189,15 +196,20 @@ def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, m
             await call.write(request.set(tokens, start=start, end=end))
             response = await asyncio.wait_for(call.read(), step_timeout)
             if response is None or response is eof:
-                raise ServerError(f"the {model} stream ended without an answer")
+                raise ServerUnavailableError(f"the {model} stream from the Triton server at {url} (grpc) "
+                                             "ended without an answer: the server went away")
         except BaseException as e:
             call.cancel()
             call = None
             if isinstance(e, asyncio.TimeoutError):
                 error: BaseException = ServerUnavailableError(
                     f"no answer from the Triton server at {url} (grpc) within {step_timeout} s")
-            elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
+            elif isinstance(e, grpc_errors()):
                 error = _grpc_error(e, url, step_timeout, start=start)
+            elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
+                # e.g. grpc.aio's UsageError "RPC already finished": the stream is gone
+                error = ServerUnavailableError(f"the {model} stream to the Triton server at {url} (grpc) "
+                                               f"broke off: {e}")
             else:
                 raise
             unreachable = isinstance(error, ServerUnavailableError)
