@@ -21,7 +21,8 @@ CHILD = r'''
 import sys, time
 from serving.client import Client
 client = Client(sys.argv[1], protocol=sys.argv[2])
-streams = [client.events("hello there", max_new_tokens=100, temperature=0.8, mode=sys.argv[3]) for _ in range(8)]
+streams = [client.events("hello there", max_new_tokens=120, temperature=0.8, mode=sys.argv[3], ignore_eos=True)
+           for _ in range(8)]
 for s in streams:
     next(s)
 print("ready", flush=True)
@@ -34,7 +35,8 @@ def _kill_a_client_with_8_streams(served, protocol: str, mode: str) -> float:
     child = subprocess.Popen([sys.executable, "-c", CHILD, url, protocol, mode], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        assert served.active_sequences() == 8
+        if mode == "client":  # the server-side loop runs ahead of its reader: some may be done already
+            assert served.active_sequences() == 8
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
@@ -54,6 +56,7 @@ def test_sigkilled_client_with_8_grpc_streams_frees_its_slots_within_5s(inflight
 
 
 def test_sigkilled_http_sse_client_frees_its_slots_within_5s(inflight):
+    """(The server-side paths cancelled on a dead client before issue 14 too; kept as guards.)"""
     _kill_a_client_with_8_streams(inflight, "http", "server")
 
 

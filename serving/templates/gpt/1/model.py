@@ -19,11 +19,13 @@ Two flavours, chosen by the config's transaction policy:
 
 A client's steps may carry the request parameter `gptpipe_lease` (the gptpipe client's stream
 steps do): the step's response is then sent without the FINAL flag, and the request stays
-open until the sequence's next step arrives. That open request is the sequence's lease: when
-the client's stream dies (the process is killed, the connection drops), Triton reports the
-request cancelled, and a watcher thread frees the sequence's KV slot within about a second
-instead of at the idle timeout. The same thread reaps idle sequences and refreshes the pool
-gauges without waiting for traffic.
+open until the sequence's next step arrives, or for LEASE_HOLD_S at most. That open request is
+the sequence's lease: when the client's stream dies (the process is killed, the connection
+drops), Triton reports the request cancelled, and a watcher thread frees the sequence's KV slot
+at once instead of at the idle timeout. The hold is bounded because Triton's shutdown waits for
+open requests: a client that pauses longer than that between steps (and then dies) is reaped by
+the idle timeout as before. The same thread reaps idle sequences and refreshes the pool gauges
+without waiting for traffic.
 """
 
 import json
@@ -47,6 +49,7 @@ logger = logging.getLogger("gptpipe.triton.gpt")
 
 LEASE_PARAMETER = tensors.LEASE_PARAMETER  # a step that keeps its request open as the sequence's lease
 WATCH_INTERVAL_S = 0.25  # how often dead clients' leases and idle sequences are looked for
+LEASE_HOLD_S = 5.0  # the longest a lease stays open after its step's answer (shutdown waits for it)
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -73,7 +76,7 @@ class TritonPythonModel:
                                    idle_timeout_s=idle_us / 1e6)
         self._init_metrics(config["name"])
         self._lock = threading.Lock()  # the scheduler, the leases and the metrics
-        self._leases = {}  # sequence id -> the response sender of its open last step
+        self._leases = {}  # sequence id -> (the response sender of its open last step, when it was answered)
         self._stop = threading.Event()
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         if self.decoupled:
@@ -111,7 +114,7 @@ class TritonPythonModel:
 
     def _end_lease(self, sequence_id):
         """Complete the open request of a sequence's previous step (call with the lock held)."""
-        sender = self._leases.pop(sequence_id, None)
+        sender, _ = self._leases.pop(sequence_id, (None, 0.0))
         if sender is not None:
             try:
                 sender.send(flags=_FINAL)
@@ -123,11 +126,14 @@ class TritonPythonModel:
         while not self._stop.wait(WATCH_INTERVAL_S):
             try:
                 with self._lock:
-                    for sequence_id, sender in list(self._leases.items()):
+                    expired = time.monotonic() - LEASE_HOLD_S
+                    for sequence_id, (sender, answered) in list(self._leases.items()):
                         if sender.is_cancelled():
                             logger.info("the client of sequence %d went away; freeing its slot", sequence_id)
                             self.scheduler.release(sequence_id)
                             self._end_lease(sequence_id)
+                        elif answered < expired:
+                            self._end_lease(sequence_id)  # held long enough: let shutdown go ahead
                     self.scheduler.free_idle()
                     for sequence_id in set(self._leases) - self.scheduler.sequence_ids():
                         self._end_lease(sequence_id)  # idled out: nothing left to hold
@@ -164,7 +170,7 @@ class TritonPythonModel:
                         logger.exception("could not send a gpt response")
                         keep = False
                     if keep:
-                        self._leases[step.sequence_id] = sender
+                        self._leases[step.sequence_id] = (sender, time.monotonic())
                 cohort = self.scheduler.sequence_ids() & ids
 
     # ------------------------------------------------------------------ one batch
