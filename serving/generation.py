@@ -21,7 +21,6 @@ The END of a sequence (what frees its KV slot on the server) is always sent:
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,15 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
+from serving.errors import (
+    GptpipeError,
+    InvalidParameterError,
+    PromptTooLongError,
+    ServerBusyError,
+    ServerError,
+    ServerUnavailableError,
+)
+from serving.request_rules import check_max_new_tokens, check_strings
 from serving.sampling import Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -45,44 +53,7 @@ FinishReason = Literal["length", "stop", "eos"]
 FINISH_REASONS: tuple[str, ...] = ("length", "stop", "eos")
 
 
-# ---------------------------------------------------------------------------- errors
-
-
-class GptpipeError(Exception):
-    """Base of every error gptpipe raises on purpose."""
-
-
-class InvalidParameterError(GptpipeError, ValueError):
-    """A generation argument is out of range; the message names the field and the limit."""
-
-
-class PromptTooLongError(InvalidParameterError):
-    """prompt + max_new_tokens does not fit in the model's context (n_positions)."""
-
-
-class ServerBusyError(GptpipeError):
-    """Every KV-cache slot of the server is taken ("server busy: ...")."""
-
-
-class ServerUnavailableError(GptpipeError):
-    """The server cannot be reached, or went away during a generation."""
-
-
-class ServerError(GptpipeError):
-    """Any other error the server reported; carries the server's message."""
-
-
 # ---------------------------------------------------------------------------- validation
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def check_max_new_tokens(max_new_tokens: object, *, field_name: str = "max_new_tokens") -> int:
-    if not _is_int(max_new_tokens) or int(max_new_tokens) < 1:  # type: ignore[call-overload]
-        raise InvalidParameterError(f"{field_name} must be an int >= 1, got {max_new_tokens!r}")
-    return int(max_new_tokens)  # type: ignore[call-overload]
 
 
 def check_prompt_ids(
@@ -112,13 +83,7 @@ def check_prompt_ids(
 
 def check_stop(stop: str | Iterable[str] | None, *, field_name: str = "stop") -> tuple[str, ...]:
     """Stop strings as a tuple; one string is one stop string; each must be non-empty."""
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    for i, s in enumerate(stops):
-        if not isinstance(s, str) or not s:
-            raise InvalidParameterError(f"{field_name}[{i}] must be a non-empty string, got {s!r}")
-    return stops
+    return check_strings(field_name, stop)
 
 
 def make_sampling_params(
@@ -227,7 +192,8 @@ class Generation:
         vocab_size: Optional[int] = None,
         max_new_tokens_field: str = "max_new_tokens",
     ) -> None:
-        self.max_new_tokens = check_max_new_tokens(max_new_tokens, field_name=max_new_tokens_field)
+        self.max_new_tokens = check_max_new_tokens(max_new_tokens, n_positions=n_positions,
+                                                   field_name=max_new_tokens_field)
         if vocab_size is None and tokenizer is not None:
             vocab_size = tokenizer.vocab_size
         self.vocab_size = vocab_size

@@ -10,6 +10,7 @@ from serving import tensors
 from serving.client.request import DEFAULT_URLS, GenerationConfig, _check_protocol, _Request, _strip_scheme
 from serving.client.step import _sequence_step, _StepModel
 from serving.generation import Generation, InvalidParameterError
+from serving.request_rules import check_max_new_tokens, check_prompt_bytes
 from serving.tokenizer import Tokenizer
 
 # what the server's `tokenizer` model sends: tokenizer.json and generation_config.json
@@ -67,10 +68,15 @@ class _ClientBase:
         """Tokenize and validate every prompt (prompt length against the context).
         prompt_ids: token ids given instead of the (single) text prompt."""
         assert self._tokenizer is not None and self._config is not None
+        check_max_new_tokens(request.max_new_tokens, n_positions=self._config.n_positions)
         out = []
         for i, prompt in enumerate(request.prompts):
-            ids = prompt_ids if prompt_ids is not None else self._tokenizer.encode(prompt)
             try:
+                if prompt_ids is None:  # a prompt that cannot fit is refused before tokenizing
+                    check_prompt_bytes(prompt, n_positions=self._config.n_positions,
+                                       max_new_tokens=request.max_new_tokens,
+                                       max_token_bytes=self._tokenizer.max_token_bytes)
+                ids = prompt_ids if prompt_ids is not None else self._tokenizer.encode(prompt)
                 out.append(Generation(
                     ids, max_new_tokens=request.max_new_tokens, params=request.params,
                     n_positions=self._config.n_positions, vocab_size=self._config.vocab_size,

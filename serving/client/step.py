@@ -98,7 +98,7 @@ def _no_http_stream(stream: bool) -> None:
 class _StepRequest:
     """The one ModelInferRequest of a sequence, reused for every step of it."""
 
-    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False) -> None:
+    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False, lease: bool = False) -> None:
         from tritonclient.grpc import service_pb2
 
         req = service_pb2.ModelInferRequest(model_name=model)
@@ -108,6 +108,8 @@ class _StepRequest:
         self.output = _step_output(argmax)
         req.outputs.add().name = self.output.name
         req.parameters["sequence_id"].int64_param = correlation_id
+        if lease:  # over a stream: `gpt` frees the slot as soon as the stream dies
+            req.parameters[tensors.LEASE_PARAMETER].bool_param = True
         self._start = req.parameters["sequence_start"]
         self._end = req.parameters["sequence_end"]
         req.raw_input_contents.append(b"")
@@ -170,6 +172,13 @@ def _grpc_eof():
     return grpc.aio.EOF
 
 
+def grpc_errors() -> type:
+    """The exception type of a failed gRPC call (a status the server or the channel set)."""
+    import grpc
+
+    return grpc.RpcError
+
+
 def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, model: str, url: str,
                             timeout: float):
     """asyncio: the steps of one sequence over one ModelStreamInfer stream (a decoupled `gpt`: its
@@ -187,15 +196,20 @@ def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, m
             await call.write(request.set(tokens, start=start, end=end))
             response = await asyncio.wait_for(call.read(), step_timeout)
             if response is None or response is eof:
-                raise ServerError(f"the {model} stream ended without an answer")
+                raise ServerUnavailableError(f"the {model} stream from the Triton server at {url} (grpc) "
+                                             "ended without an answer: the server went away")
         except BaseException as e:
             call.cancel()
             call = None
             if isinstance(e, asyncio.TimeoutError):
                 error: BaseException = ServerUnavailableError(
                     f"no answer from the Triton server at {url} (grpc) within {step_timeout} s")
-            elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
+            elif isinstance(e, grpc_errors()):
                 error = _grpc_error(e, url, step_timeout, start=start)
+            elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
+                # e.g. grpc.aio's UsageError "RPC already finished": the stream is gone
+                error = ServerUnavailableError(f"the {model} stream to the Triton server at {url} (grpc) "
+                                               f"broke off: {e}")
             else:
                 raise
             unreachable = isinstance(error, ServerUnavailableError)

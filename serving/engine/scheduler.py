@@ -176,6 +176,17 @@ class Scheduler:
         self._dropped = []
         return done
 
+    def release(self, sequence_id: int) -> bool:
+        """Free a sequence's slot now (its client went away); False if it held none."""
+        if sequence_id not in self._sequences:
+            return False
+        self._release(sequence_id, failed=True)
+        return True
+
+    def free_idle(self) -> None:
+        """Free the sequences idle past the timeout (also done at every step)."""
+        self._free_idle()
+
     # ------------------------------------------------------------------ helpers
 
     def _admit(self, req: StepRequest, done: list) -> tuple[_Sequence, np.ndarray]:

@@ -15,13 +15,19 @@ Two flavours, chosen by the config's transaction policy:
   queues each step with its response sender and returns; one thread runs `StepEngine.serve`.
   Before each call it waits, up to `max_step_wait_microseconds`, for every sequence of the
   previous call that is still active to send its next step, so N concurrent streams step
-  together in one call. Clients reach a decoupled model over a gRPC stream.
+  together in one call. Clients reach a decoupled model over a gRPC stream. A step may ask to
+  keep its request open as the sequence's lease (serving/engine/leases.py): a dead client's
+  slot is then freed as soon as Triton reports its stream gone.
+
+`StepEngine.watch` (a thread in either flavour) frees dead clients' and idle sequences' slots
+and refreshes the pool gauges without waiting for traffic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -29,6 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from serving.engine.kv_cache import KVPool
+from serving.engine.leases import WATCH_INTERVAL_S, Leases
 from serving.engine.loader import load_runtime
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.scheduler import BUSY_PREFIX, Scheduler, StepQueue, StepRequest
@@ -155,62 +162,93 @@ class StepEngine:
                                    idle_timeout_s=config.idle_timeout_s, prefix_cache=cache,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.metrics = StepMetrics(make_metric, free_slots=self.pool.max_sequences)
+        self.lock = threading.RLock()  # the scheduler, the leases, the metrics: engine thread vs watcher
+        self.leases: Optional[Leases] = None  # set by a decoupled adapter
+
+    def watch(self, stop: threading.Event, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Until ``stop``: free the slots of dead clients (leases) and idle sequences, and bring
+        the gauges up to date, every ``interval_s``."""
+        while not stop.wait(interval_s):
+            try:
+                with self.lock:
+                    if self.leases is not None:
+                        self.leases.sweep(self.scheduler)
+                    self.scheduler.free_idle()
+                    self.metrics.update(self.scheduler, 0)
+            except Exception:  # noqa: BLE001 - the watcher must keep watching
+                logger.exception("gpt watcher failed")
 
     def run(self, requests: Sequence[Any], steps: Sequence[Step]) -> list[Any]:
         """Run one batch of requests, parsed into steps (or error messages); their responses,
         in order."""
-        valid = [s for s in steps if not isinstance(s, str)]
-        results = iter(self.scheduler.step(valid))
-        responses = []
-        for request, step in zip(requests, steps):
-            if isinstance(step, str):
-                responses.append(self.answer(request, None, step))
-            else:
-                result = next(results)
-                responses.append(self.answer(request, result.logits, result.error))
-        self.metrics.update(self.scheduler, len(requests))
-        return responses
+        with self.lock:
+            valid = [s for s in steps if not isinstance(s, str)]
+            results = iter(self.scheduler.step(valid))
+            responses = []
+            for request, step in zip(requests, steps):
+                if isinstance(step, str):
+                    responses.append(self.answer(request, None, step))
+                else:
+                    result = next(results)
+                    responses.append(self.answer(request, result.logits, result.error))
+            self.metrics.update(self.scheduler, len(requests))
+            return responses
 
-    def serve(self, queue: StepQueue, *, send: Callable[[Any, Any], None],
+    def serve(self, queue: StepQueue, *, send: Callable[[Any, Any, bool], None],
               failed: Callable[[Any, Exception], Any]) -> None:
         """The in-flight batching thread: until the queue closes, gather the next batch of
-        (request, step, sender), run one scheduler iteration (the decode steps, prompt chunks up
-        to the token budget) and send each finished step's response (`failed(request, e)`: the
-        response when answering raised). A prompt with chunks left is answered in a later
-        iteration; meanwhile the loop does not block for new steps."""
+        (request, step, sender, wants a lease), run one scheduler iteration (the decode steps,
+        prompt chunks up to the token budget) and send each finished step's response
+        (`send(sender, response, final)`; `failed(request, e)`: the response when answering
+        raised). A prompt with chunks left is answered in a later iteration; meanwhile the loop
+        does not block for new steps. A step that wants a lease, leaves its sequence active and
+        is not END is answered with final=False and its sender held until the sequence's next
+        step (see serving/engine/leases.py)."""
         cohort: set[int] = set()  # sequences answered last iteration and still active: worth waiting for
         while True:
             batch, _ = queue.gather(cohort, block=not self.scheduler.prefilling)
             if not batch and queue.closed:
                 return
-            valid = [(request, step, sender) for request, step, sender in batch if not isinstance(step, str)]
-            # (request, sender, logits, error: a message or what raised, sequence id)
-            answers = [(request, sender, None, step, None) for request, step, sender in batch if isinstance(step, str)]
-            try:
-                done = self.scheduler.advance([step for _, step, _ in valid],
-                                              [(request, sender, step.sequence_id) for request, step, sender in valid])
-                answers += [(request, sender, r.logits, r.error, sid) for (request, sender, sid), r in done]
-            except Exception as e:  # noqa: BLE001 - the thread must keep serving
-                logger.exception("gpt step failed")
-                answers += [(request, sender, None, e, None) for request, _, sender in valid]
-            try:
-                self.metrics.update(self.scheduler, len(batch))
-            except Exception:  # noqa: BLE001 - the numbers are extra; the steps must be answered
-                logger.exception("could not update the gpt metrics")
-            cohort = set()
-            for request, sender, logits, error, sid in answers:
+            with self.lock:
+                for _, step, _, _ in batch:  # the previous step of each sequence is answered: complete it
+                    if self.leases is not None and not isinstance(step, str):
+                        self.leases.end(step.sequence_id)
+                valid = [item for item in batch if not isinstance(item[1], str)]
+                # (request, sender, wants a lease, step, logits, error: a message or what raised)
+                answers = [(request, sender, lease, step, None, step) for request, step, sender, lease in batch
+                           if isinstance(step, str)]
                 try:
-                    if isinstance(error, Exception):
-                        response = failed(request, error)
-                    else:
-                        response = self.answer(request, logits, error)
-                        if error is None:
-                            cohort.add(sid)
-                except Exception as e:  # noqa: BLE001 - e.g. the engine's logits were NaN
-                    logger.exception("could not answer a gpt step")
-                    response = failed(request, e)
+                    done = self.scheduler.advance([step for _, step, _, _ in valid],
+                                                  [(request, sender, lease, step) for request, step, sender, lease in valid])
+                    answers += [(request, sender, lease, step, r.logits, r.error)
+                                for (request, sender, lease, step), r in done]
+                except Exception as e:  # noqa: BLE001 - the thread must keep serving
+                    logger.exception("gpt step failed")
+                    answers += [(request, sender, lease, step, None, e) for request, step, sender, lease in valid]
                 try:
-                    send(sender, response)
-                except Exception:  # noqa: BLE001 - e.g. the client went away
-                    logger.exception("could not send a gpt response")
-            cohort &= self.scheduler.sequence_ids()
+                    self.metrics.update(self.scheduler, len(batch))
+                except Exception:  # noqa: BLE001 - the numbers are extra; the steps must be answered
+                    logger.exception("could not update the gpt metrics")
+                active = self.scheduler.sequence_ids()
+                cohort = set()
+                for request, sender, lease, step, logits, error in answers:
+                    try:
+                        if isinstance(error, Exception):
+                            response = failed(request, error)
+                        else:
+                            response = self.answer(request, logits, error)
+                            if error is None and not isinstance(step, str):
+                                cohort.add(step.sequence_id)
+                    except Exception as e:  # noqa: BLE001 - e.g. the engine's logits were NaN
+                        logger.exception("could not answer a gpt step")
+                        response = failed(request, e)
+                    keep = (lease and self.leases is not None and not isinstance(step, str) and not step.end
+                            and step.sequence_id in active and not isinstance(error, Exception))
+                    try:
+                        send(sender, response, not keep)
+                    except Exception:  # noqa: BLE001 - e.g. the client went away
+                        logger.exception("could not send a gpt response")
+                        keep = False
+                    if keep:
+                        self.leases.hold(step.sequence_id, sender)  # type: ignore[union-attr]
+                cohort &= active

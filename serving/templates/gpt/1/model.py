@@ -4,7 +4,9 @@ Triton's sequence batcher hands `execute` the steps of many sequences at once (S
 control inputs per request); the engine (serving/engine/step.py: scheduler, runtime, KV pool)
 runs them. This file only turns Triton requests into steps and results into Triton responses,
 and gives the engine Triton's custom metrics. Plain or decoupled (in-flight batching): see
-serving/engine/step.py.
+serving/engine/step.py. A step with the request parameter `gptpipe_lease` (the gptpipe client's
+stream steps) keeps its request open as the sequence's lease (serving/engine/leases.py); any
+other request parameter is refused, naming the closest valid one.
 """
 
 import json
@@ -16,11 +18,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving import tensors
+from serving.engine.leases import Leases
 from serving.engine.scheduler import StepQueue
 from serving.engine.step import EngineConfig, StepEngine, is_busy, parse_step
+from serving.errors import InvalidParameterError
+from serving.request_rules import check_known_fields
 from serving.sampling import greedy_token
 
 logger = logging.getLogger("gptpipe.triton.gpt")
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
@@ -32,28 +38,39 @@ class TritonPythonModel:
         self.engine = StepEngine(settings, answer=_answer, make_metric=self._metric)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         if self.decoupled:
+            self.engine.leases = Leases(complete=lambda sender: sender.send(flags=_FINAL),
+                                        cancelled=lambda sender: sender.is_cancelled())
             self._queue = StepQueue(settings.max_step_wait_s)
             self._thread = threading.Thread(target=self.engine.serve, args=(self._queue,),
                                             kwargs=dict(send=_send, failed=_failed), name="gpt-inflight", daemon=True)
             self._thread.start()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self.engine.watch, args=(self._stop,), name="gpt-watch", daemon=True)
+        self._watcher.start()
         pool = self.engine.pool
         logger.info("gpt: %d slots x %d positions, KV pool %.1f MiB%s", pool.max_sequences, pool.max_length,
                     pool.nbytes / 2**20,
                     f", in-flight batching (wait <= {self._queue.wait_s * 1e3:g} ms)" if self.decoupled else "")
 
     def execute(self, requests):
-        steps = [_parse(request) for request in requests]
+        parsed = [_parse(request) for request in requests]
+        steps = [step for step, _ in parsed]
         if not self.decoupled:
             return self.engine.run(requests, steps)
-        for request, step in zip(requests, steps):
+        for request, (step, lease) in zip(requests, parsed):
             sequence_id = None if isinstance(step, str) else step.sequence_id
-            self._queue.put(sequence_id, (request, step, request.get_response_sender()))
+            self._queue.put(sequence_id, (request, step, request.get_response_sender(), lease))
         return None
 
     def finalize(self):
+        self._stop.set()
         if self.decoupled:
             self._queue.close()
             self._thread.join(timeout=10)
+        self._watcher.join(timeout=5)
+        if self.engine.leases is not None:
+            with self.engine.lock:
+                self.engine.leases.end_all()
 
     def _metric(self, kind, name, doc):
         kinds = {"gauge": pb_utils.MetricFamily.GAUGE, "counter": pb_utils.MetricFamily.COUNTER}
@@ -63,14 +80,22 @@ class TritonPythonModel:
 
 
 def _parse(request):
-    """A StepRequest, or an error message for a request that cannot be one."""
+    """(a StepRequest or an error message for a request that cannot be one, whether the step
+    keeps its request open as the sequence's lease)."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+        check_known_fields(parameters, (tensors.LEASE_PARAMETER,), where=f" of the {tensors.GPT_MODEL} request")
+    except InvalidParameterError as e:
+        return f"invalid parameter: {e}", False
+
     def scalar(name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
     ids = pb_utils.get_input_tensor_by_name(request, tensors.INPUT_IDS).as_numpy()
-    return parse_step(ids, sequence_id=scalar(tensors.CONTROL_CORRID), start=scalar(tensors.CONTROL_START),
+    step = parse_step(ids, sequence_id=scalar(tensors.CONTROL_CORRID), start=scalar(tensors.CONTROL_START),
                       end=scalar(tensors.CONTROL_END))
+    return step, parameters.get(tensors.LEASE_PARAMETER) is True
 
 
 def _answer(request, logits, error):
@@ -103,5 +128,5 @@ def _failed(request, error):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"gpt step failed: {error}"))
 
 
-def _send(sender, response):
-    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+def _send(sender, response, final):
+    sender.send(response, flags=_FINAL if final else 0)
