@@ -250,7 +250,7 @@ def test_the_async_client_fails_over_too(replicas, ids) -> None:
             streams, seen = [], []
             async with contextlib.AsyncExitStack() as opened:
                 for k, mode in enumerate(modes):
-                    streams.append(await opened.enter_async_context(contextlib.aclosing(client.events(
+                    streams.append(await opened.enter_async_context(contextlib.aclosing(await client.events(
                         PROMPTS[k], max_new_tokens=lengths[k], temperature=0, mode=mode, ignore_eos=True))))
                     seen.append([await streams[k].__anext__()])
                 replicas.freeze(victim)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from serving import tensors
-from serving.client.base import _TOKENIZER_FILES, _ClientBase, _events_request
+from serving.client.base import _TOKENIZER_FILES, _ClientBase
 from serving.client.failover import (
     Endpoints,
     _async_failover_server_events,
@@ -21,6 +21,7 @@ from serving.client.request import (
     DEFAULT_TIMEOUT_S,
     Mode,
     Protocol_,
+    _check_ids,
     _Request,
     _validate,
 )
@@ -91,25 +92,31 @@ class AsyncClient(_ClientBase):
             return AsyncTextStreamIterator(self._stream_events(request), return_logprobs=request.return_logprobs)
         return self._generate(request)
 
-    def events(self, prompt: Union[str, Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-               stop: Union[str, Sequence[str]] = (), seed: Optional[int] = None, mode: Mode = "client",
-               return_logprobs: bool = False, ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
-        """The TokenEvents of one generation, as :meth:`serving.Client.events` (async iterator;
-        ``aclose()`` it to stop early)."""
-        request, prompt_ids = _events_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                              stop=stop, seed=seed, mode=mode, return_logprobs=return_logprobs)
-        return self._stream_events(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)
+    async def events(self, prompt: Union[str, Sequence[int]], *, max_new_tokens: int = 64,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     repetition_penalty: float = 1.0, stop: Union[str, Sequence[str]] = (),
+                     seed: Optional[int] = None, mode: Mode = "client", return_logprobs: bool = False,
+                     ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+        """:meth:`Client.events` for asyncio: the TokenEvents of one generation (a text prompt
+        or token ids). Arguments, the prompt's length included, are checked before it returns;
+        ``aclose()`` the iterator to stop early (the sequence's END is sent)."""
+        prompt_ids = None if isinstance(prompt, str) else _check_ids(prompt)
+        request = _validate(prompt if prompt_ids is None else "<ids>", max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=stop, seed=seed, stream=True, mode=mode,
+                            return_logprobs=return_logprobs)
+        await self.setup()
+        generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)[0]
+        await self._check_step_model(request)
+        return self._events(generation, request)
 
     async def _check_step_model(self, request: _Request) -> None:
         if request.mode == "client" and self._step_model is None:
             self._step_model = await self._ask(lambda t: t.step_model(self.model))
 
-    async def _stream_events(self, request: _Request, *, prompt_ids: Optional[list[int]] = None,
-                             ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+    async def _stream_events(self, request: _Request) -> AsyncIterator[TokenEvent]:
         await self.setup()
-        generations = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)
+        generations = self._generations(request)
         await self._check_step_model(request)
         events = self._events(generations[0], request)
         try:

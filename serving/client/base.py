@@ -8,19 +8,13 @@ from typing import Any, Optional, Union
 
 from serving import tensors
 from serving.client.failover import Endpoints, _Continuation, _Replicas, _Route
-from serving.client.request import DEFAULT_URLS, GenerationConfig, _check_ids, _check_protocol, _Request, _validate
+from serving.client.request import DEFAULT_URLS, GenerationConfig, _check_protocol, _Request
 from serving.client.step import _sequence_step, _StepModel
 from serving.generation import Generation, InvalidParameterError
 from serving.tokenizer import Tokenizer
 
 # what the server's `tokenizer` model sends: tokenizer.json and generation_config.json
 _TOKENIZER_FILES = tuple(o.name for o in tensors.TOKENIZER_OUTPUTS)
-
-
-def _events_request(prompt: Any, **kw: Any) -> tuple[_Request, Optional[list[int]]]:
-    """events(): the checked call for a text prompt or a prompt of token ids (then the ids)."""
-    prompt_ids = None if isinstance(prompt, str) else _check_ids(prompt)
-    return _validate(prompt if prompt_ids is None else "<ids>", stream=True, **kw), prompt_ids
 
 
 class _ClientBase:

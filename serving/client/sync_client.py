@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 from serving import tensors
-from serving.client.base import _TOKENIZER_FILES, _ClientBase, _events_request
+from serving.client.base import _TOKENIZER_FILES, _ClientBase
 from serving.client.failover import Endpoints, _failover_server_events, _failover_step, _none_answered, _tagged
 from serving.client.request import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
     Mode,
     Protocol_,
+    _check_ids,
     _Request,
     _validate,
 )
@@ -116,9 +117,11 @@ class Client(_ClientBase):
         """The TokenEvents of one generation (token id, text delta, logprob, latency_s), for
         callers that want more than text: e.g. a benchmark, with a prompt of token ids and
         ignore_eos=True for exactly max_new_tokens tokens. Close it to stop early."""
-        request, prompt_ids = _events_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                              stop=stop, seed=seed, mode=mode, return_logprobs=return_logprobs)
+        prompt_ids = None if isinstance(prompt, str) else _check_ids(prompt)
+        request = _validate(prompt if prompt_ids is None else "<ids>", max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=stop, seed=seed, stream=True, mode=mode,
+                            return_logprobs=return_logprobs)
         self._setup()
         generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)[0]
         return self._events(generation, request)
