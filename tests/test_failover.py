@@ -272,3 +272,36 @@ def test_the_async_client_fails_over_too(replicas, ids) -> None:
         assert got[0].endpoint == urls[victim] and got[-1].failovers == 1, k
         assert got[-1].endpoint != urls[victim] and got[-1].finish_reason == "length", k
     assert back.timings.endpoints == (urls[victim],)
+
+
+def test_what_counts_as_a_replica_failure() -> None:
+    """The messages a replica that lost a sequence sends (gpt's scheduler; Triton's sequence
+    batcher, FACTS.md) move the sequence without marking the replica failed; a transport
+    failure marks it; any other error is the caller's."""
+    from serving.client.errors import error_from_message
+    from serving.generation import InvalidParameterError, ServerBusyError, ServerError
+
+    lost = [error_from_message("unknown sequence id 77: start it with the START flag (it may have ended, failed, "
+                               "or idled out after 60 s)"),
+            error_from_message("inference request for sequence 77 to model 'gpt' must specify the START flag on "
+                               "the first request of the sequence")]
+    assert [failover._replica_failure(e) for e in lost] == ["lost", "lost"]
+    assert failover._replica_failure(ServerUnavailableError("Triton server at x:1 (grpc) is unavailable")) == "down"
+    assert failover._replica_failure(ServerError("the gpt stream ended without an answer")) == "down"
+    for error in (ServerBusyError("server busy: 8 of 8"), InvalidParameterError("top_p"), ServerError("boom")):
+        assert failover._replica_failure(error) is None
+    with pytest.raises(Exception, match="failover=False takes one"):
+        Client(["127.0.0.1:1", "127.0.0.1:2"], failover=False)
+
+
+def test_server_side_streams_over_http_on_several_replicas(replicas, ids) -> None:
+    http = [f"127.0.0.1:{s.ports['http']}" for s in replicas.servers]
+    chosen, owner = balanced(http, 1)
+    ids.extend(chosen)
+    with Client(http, protocol="http") as client:
+        assert client.endpoints == sorted(http)
+        streams = [list(client.events(p, max_new_tokens=8, temperature=0, mode="server", ignore_eos=True))
+                   for p in PROMPTS[:3]]
+    for k, events in enumerate(streams):
+        assert [e.token_id for e in events] == replicas.reference(PROMPTS[k], 8)
+        assert {e.endpoint for e in events} == {owner[chosen[k]]}
