@@ -294,12 +294,12 @@ def test_the_hpa_scales_triton_on_serving_metrics_the_adapter_rules_provide(over
 
 
 def test_the_kv_occupancy_rule_reads_gauges_the_gpt_model_exports() -> None:
-    model_py = (ROOT / "serving" / "templates" / "gpt" / "1" / "model.py").read_text()
+    step_py = (ROOT / "serving" / "engine" / "step.py").read_text()  # the gpt model's metrics
     query = adapter_rules()["gptpipe_kv_occupancy"]["metricsQuery"]
     used = set(re.findall(r"(gptpipe_\w+)\{", query))
     assert used == {"gptpipe_kv_active_sequences", "gptpipe_kv_free_slots"}
     for name in used:
-        assert re.search(rf'gauge\("{name}"', model_py), f"the gpt model exports no gauge {name}"
+        assert re.search(rf'"gauge", "{name}"', step_py), f"the gpt model exports no gauge {name}"
 
 
 # --- the flags against a real tritonserver ------------------------------------------------------
