@@ -290,6 +290,8 @@ def test_what_counts_as_a_replica_failure() -> None:
     assert failover._replica_failure(ServerError("the gpt stream ended without an answer")) == "down"
     for error in (ServerBusyError("server busy: 8 of 8"), InvalidParameterError("top_p"), ServerError("boom")):
         assert failover._replica_failure(error) is None
+    with Client("dns:///localhost:8001") as named:  # resolved again and again, even with one address now
+        assert named._replicas.router is not None and named.endpoints == ["127.0.0.1:8001"]
     with pytest.raises(Exception, match="failover=False takes one"):
         Client(["127.0.0.1:1", "127.0.0.1:2"], failover=False)
 

@@ -53,6 +53,7 @@ _LOST_SEQUENCE = ("unknown sequence id", "must specify the start flag", "sequenc
 # a stream that closed under a step: the replica is going away (drain, crash)
 _BROKEN_STREAM = ("stream ended without",)
 _RESOLVE_TIMEOUT_S = 2.0
+DNS_SCHEME = "dns:///"  # "dns:///gptpipe-triton:8001": route over the name's addresses even while it has one
 
 
 def _replica_failure(error: BaseException) -> Optional[str]:
@@ -90,14 +91,18 @@ class _Replicas:
     """A client's endpoints and their transports (see the module docstring).
 
     url: "host:port", "a:8001,b:8001", a list of them, or None (the protocol's default);
-    failover: None decides (several endpoints, or a name with several addresses), True uses the
-    router even for one endpoint (a headless Service with one pod now), False never does."""
+    failover: None decides (several endpoints, a name with several addresses, or a
+    ``dns:///name:port``), True uses the router even for one endpoint (a headless Service with
+    one pod now), False never does."""
 
     def __init__(self, url: Optional[Endpoints], default: str, protocol: str, make_transport: Callable[[str], Any],
                  *, models: Sequence[str], failover: Optional[bool] = None) -> None:
         if url is None:
             url = default
         entries = [e.strip() for e in url.split(",")] if isinstance(url, str) else list(url)
+        if any(isinstance(e, str) and e.startswith(DNS_SCHEME) for e in entries) and failover is None:
+            failover = True  # gRPC's name syntax: a name to resolve again and again, however many it has now
+        entries = [e[len(DNS_SCHEME):] if isinstance(e, str) and e.startswith(DNS_SCHEME) else e for e in entries]
         entries = [_strip_scheme(e) if isinstance(e, str) else e for e in entries]
         self._make = make_transport
         self._lock = threading.Lock()
