@@ -75,6 +75,9 @@ def _several_addresses(url: str) -> bool:
     lookup; an address, a failed lookup or a single address is one endpoint."""
     try:
         host, port = split_host_port(url, field="url")
+    except ValueError:
+        return False  # not host:port: passed on as it is, as a one-URL client always did
+    try:
         ipaddress.ip_address(host)
         return False
     except ValueError:
@@ -97,7 +100,7 @@ class _Replicas:
 
     def __init__(self, url: Optional[Endpoints], default: str, protocol: str, make_transport: Callable[[str], Any],
                  *, models: Sequence[str], failover: Optional[bool] = None) -> None:
-        if url is None:
+        if not url:
             url = default
         entries = [e.strip() for e in url.split(",")] if isinstance(url, str) else list(url)
         if any(isinstance(e, str) and e.startswith(DNS_SCHEME) for e in entries) and failover is None:
