@@ -259,7 +259,7 @@ def test_the_async_client_fails_over_too(replicas, ids) -> None:
                     got.extend([e async for e in events])
             router = client._replicas.router
             assert router.failed() == [urls[victim]]
-            await asyncio.to_thread(replicas.restart, victim)
+            replicas.restart(victim)  # on this thread: a server dies with the thread that started it (PDEATHSIG)
             assert await asyncio.to_thread(wait_for, lambda: router.failed() == [], 15)
             ids.extend(owned_ids(urls, urls[victim], 1))
             back = await client.generate(PROMPTS[0], max_new_tokens=4, temperature=0)

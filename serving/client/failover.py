@@ -227,7 +227,7 @@ class _Moving:
         if self.step is None:
             cid = _new_correlation_id()
             self.step, self.fresh = self.new_step(self.route.pick(cid), cid), True
-        if not self.fresh or start:
+        if not self.fresh or start or self.route.broken:  # broken: the END cleanup, as the driver sends it
             return self.step, tokens, start
         history = self.generation.prompt_ids + self.generation.generated
         assert tuple(history[len(history) - len(tokens):]) == tuple(tokens), "re-prefill must end with the step"
@@ -241,8 +241,8 @@ class _Moving:
         that already finished is never worth a failover."""
         if self.generation.finish_reason is not None and end and not start:
             raise error
+        self.route.failed(error)  # raises an error that is not the replica's: the END cleanup goes there
         self.step = None
-        self.route.failed(error)
 
 
 def _failover_step(route: _Route, generation: Generation, new_step: Callable[[str, int], Any]):
