@@ -307,3 +307,23 @@ def test_server_side_streams_over_http_on_several_replicas(replicas, ids) -> Non
     for k, events in enumerate(streams):
         assert [e.token_id for e in events] == replicas.reference(PROMPTS[k], 8)
         assert {e.endpoint for e in events} == {owner[chosen[k]]}
+
+
+def test_the_generate_command_takes_several_replicas(replicas, ids) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from serving.commands.generate import generate
+
+    app = typer.Typer()
+    app.command("generate")(generate)
+    app.command("version")(lambda: None)  # two commands: `generate` stays a subcommand
+    ids.extend(owned_ids(replicas.urls, replicas.urls[0], 1))
+    result = CliRunner().invoke(app, ["generate", PROMPTS[0], "--url", ",".join(replicas.urls), "--max-new-tokens",
+                                      "8", "--temperature", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["token_ids"] == replicas.reference(PROMPTS[0], 8, eos=True)
+    assert out["timings"]["endpoints"] == [replicas.urls[0]] and out["timings"]["failovers"] == 0
