@@ -147,13 +147,21 @@ class Client(_ClientBase):
                 return run(self.url, self.generate_model, inputs, self.timeout_s)
             return _failover_server_events(self._route(), self._continuation(generation, request, inputs),
                                            lambda url, i: run(url, self.generate_model, i, self.timeout_s))
-        if self._step_model is None:
-            self._step_model = self._ask(lambda t: t.step_model(self.model))
         if not self._replicas.routed:
-            return generate_tokens(_with_busy_retry(self._sequence(generation), self.queue_timeout), generation)
+            return generate_tokens(_with_busy_retry(self._client_step(generation), self.queue_timeout), generation)
+        self._ask_step_model()
         route = self._route()
         step = _failover_step(route, generation, self._replica_sequence(generation, _with_busy_retry))
         return _tagged(generate_tokens(step, generation), route)
+
+    def _ask_step_model(self) -> None:
+        if self._step_model is None:
+            self._step_model = self._ask(lambda t: t.step_model(self.model))
+
+    def _client_step(self, generation: Generation):
+        """The step function of one client-side generation on the one URL (the bench uses it)."""
+        self._ask_step_model()
+        return self._sequence(generation)
 
     def _run_many(self, generations: list[Generation], request: _Request) -> list[GenerationResult]:
         cancel = threading.Event()
