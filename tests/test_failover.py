@@ -327,3 +327,24 @@ def test_the_generate_command_takes_several_replicas(replicas, ids) -> None:
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["token_ids"] == replicas.reference(PROMPTS[0], 8, eos=True)
     assert out["timings"]["endpoints"] == [replicas.urls[0]] and out["timings"]["failovers"] == 0
+
+
+def test_the_openai_frontend_takes_several_replicas(replicas) -> None:
+    """`gptpipe openai --url a,b,c`: ready while replicas are, completions with the reference's text."""
+    from types import SimpleNamespace
+
+    from tests.openai_fixtures import MODEL, Frontend
+
+    front = Frontend(SimpleNamespace(server=SimpleNamespace(grpc_url=",".join(replicas.urls))))
+    try:
+        status, _, health = front.request("GET", "/health")
+        assert status == 200 and len(health["replicas"]) == 3, health
+        for prompt in PROMPTS[:3]:
+            status, _, body = front.request("POST", "/v1/completions", {
+                "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+            assert status == 200, body
+            ids = replicas.reference(prompt, 8, eos=True)
+            expected = replicas.text(prompt, [i for i in ids if i != replicas.model.config.eos_token_id])
+            assert body["choices"][0]["text"] == expected
+    finally:
+        front.stop()
