@@ -117,19 +117,25 @@ class TokenEvent:
     """One generated token. ``text`` is the text it makes visible (may be "" while a UTF-8
     character or a possible stop string is incomplete; the last event carries the rest).
     ``latency_s``: seconds from sending the step to this token being sampled (for the first
-    token: from sending START), not counting time the consumer held the stream."""
+    token: from sending START), not counting time the consumer held the stream.
+    ``endpoint``: the replica that served the token (set by a client given several endpoints);
+    ``failovers``: how many times the generation moved to another replica up to this token."""
 
     token_id: int
     text: str
     logprob: Optional[float] = None
     finish_reason: Optional[FinishReason] = None
     latency_s: float = 0.0
+    endpoint: Optional[str] = None
+    failovers: int = 0
 
 
 @dataclass(frozen=True)
 class Timings:
     ttft_s: float  # time to first token
     itl_s: tuple[float, ...] = ()  # inter-token latencies, one per token after the first
+    failovers: int = 0  # times the generation moved to another replica (re-prefilled there)
+    endpoints: tuple[str, ...] = ()  # the replicas that served its tokens, in order (several endpoints only)
 
     @property
     def total_s(self) -> float:
@@ -150,13 +156,15 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timings"]["itl_s"] = list(self.timings.itl_s)
+        d["timings"]["endpoints"] = list(self.timings.endpoints)
         return d
 
 
 def collect(events: Iterable[TokenEvent], *, return_logprobs: bool = False) -> GenerationResult:
     """Drain a stream of events into one GenerationResult."""
-    text, ids, logprobs, latencies = [], [], [], []
+    text, ids, logprobs, latencies, endpoints = [], [], [], [], []
     finish: Optional[FinishReason] = None
+    failovers = 0
     for event in events:
         text.append(event.text)
         ids.append(event.token_id)
@@ -164,9 +172,12 @@ def collect(events: Iterable[TokenEvent], *, return_logprobs: bool = False) -> G
         if event.logprob is not None:
             logprobs.append(event.logprob)
         finish = event.finish_reason or finish
+        failovers = max(failovers, event.failovers)
+        if event.endpoint is not None and event.endpoint not in endpoints[-1:]:
+            endpoints.append(event.endpoint)
     if finish is None:
         raise GptpipeError("the generation ended without a finish reason (stream cut short?)")
-    timings = Timings(latencies[0], tuple(latencies[1:])) if latencies else Timings(0.0)
+    timings = Timings(latencies[0] if latencies else 0.0, tuple(latencies[1:]), failovers, tuple(endpoints))
     return GenerationResult("".join(text), ids, finish, logprobs if return_logprobs else None, timings)
 
 

@@ -69,13 +69,14 @@ def _http_step_model(config: dict) -> _StepModel:
                       bool(config.get("model_transaction_policy", {}).get("decoupled", False)))
 
 
-def _sequence_step(transport: Any, model: _StepModel, generation: Generation):
+def _sequence_step(transport: Any, model: _StepModel, generation: Generation, correlation_id: Optional[int] = None):
     """The step function of one client-side generation. It asks `gpt` for the greedy token
     id instead of the logits when the logits would give nothing else (``argmax_only``) and
     the step model has that output (a repository exported before gptpipe added it does
-    not); it steps over a gRPC stream when the step model is decoupled (in-flight batching)."""
+    not); it steps over a gRPC stream when the step model is decoupled (in-flight batching).
+    correlation_id: the sequence's id (a new random one by default)."""
     argmax = generation.argmax_only and _OUTPUT_IDS.name in model.outputs
-    return transport.sequence(_new_correlation_id(), argmax=argmax, stream=model.decoupled)
+    return transport.sequence(correlation_id or _new_correlation_id(), argmax=argmax, stream=model.decoupled)
 
 
 def _step_output(argmax: bool):
@@ -205,9 +206,10 @@ def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, m
                 error: BaseException = ServerUnavailableError(
                     f"no answer from the Triton server at {url} (grpc) within {step_timeout} s")
             elif isinstance(e, grpc_errors()):
-                error = _grpc_error(e, url, step_timeout, start=start)
+                error = _stream_error(e, url, step_timeout, start=start)
             elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
-                # e.g. grpc.aio's UsageError "RPC already finished": the stream is gone
+                # e.g. grpc.aio's UsageError "RPC already finished", asyncio's InvalidStateError:
+                # the stream finished under us, the server went away
                 error = ServerUnavailableError(f"the {model} stream to the Triton server at {url} (grpc) "
                                                f"broke off: {e}")
             else:
@@ -222,6 +224,18 @@ def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, m
         return request.output_of(response.infer_response)
 
     return step
+
+
+def _stream_error(e: Exception, url: str, timeout: float, *, start: bool) -> GptpipeError:
+    """A step stream's RPC failed. Triton answers a step's own errors on the stream (read
+    above); the RPC itself fails when the connection does: grpc's "Internal error from Core"
+    (INTERNAL) when a server dies under an open stream is an unreachable server too."""
+    import grpc
+
+    error = _grpc_error(e, url, timeout, start=start)
+    if type(error) is ServerError and isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.INTERNAL:
+        return ServerUnavailableError(f"the stream to the Triton server at {url} (grpc) broke off: {e.details()}")
+    return error
 
 
 def _threaded_step(loop: _LoopThread, astep: Callable[..., Any]):
