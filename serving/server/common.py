@@ -16,6 +16,32 @@ STARTUP_ARGS = (
 )
 
 
+# Header names Triton checks on restricted APIs (HTTP headers; gRPC metadata keys, lower case).
+ADMIN_KEY_HEADER = "gptpipe-admin-key"
+API_KEY_HEADER = "gptpipe-api-key"
+# Everything that reads or changes the server itself rather than running a model.
+ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+# What --api-key restricts: inference (and a stream's steps); health and metadata stay open, so
+# load balancers and probes keep working.
+API_KEY_APIS = ("inference",)
+
+
+def restricted_api_args(admin_key: str | None, api_key: str | None) -> list[str]:
+    """tritonserver options restricting the admin APIs to ``admin_key`` and inference to ``api_key``."""
+    args = []
+    for key, header, apis, field in ((admin_key, ADMIN_KEY_HEADER, ADMIN_APIS, "admin_key"),
+                                     (api_key, API_KEY_HEADER, API_KEY_APIS, "api_key")):
+        if key is None:
+            continue
+        if not isinstance(key, str) or len(key) < 16 or not key.isascii() or not key.isprintable() or any(
+                c in key for c in " ,:="):
+            raise ValueError(f"{field}: must be at least 16 printable ASCII characters without spaces, ',', ':' "
+                             "or '='")
+        setting = f"{','.join(apis)}:{header}={key}"
+        args += [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
+    return args
+
+
 class TritonServerError(RuntimeError):
     """tritonserver could not be found, started, or did not become ready."""
 
