@@ -1,7 +1,7 @@
 """By-hand micro-benchmark of the KV-cache engine: ITL vs context, int8 vs fp32, batch 8 vs 1.
 
 Exports a GPT-2-shaped model (random weights) once per precision as the static-cache graph (each
-export in a child process, for its time and peak RSS), then runs it through serving.runtime's
+export in a child process, for its time and peak RSS), then runs it through serving.engine.runtime's
 OrtRuntime and a KVPool, as the server does:
 
   .venv/bin/python scripts/bench_kv.py                      # gpt2 shape, fp32 and int8
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from serving import tensors
-from serving.runtime import OrtRuntime
+from serving.engine.runtime import OrtRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 

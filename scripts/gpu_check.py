@@ -2,8 +2,8 @@
 GPT-2 124M shape, logits and greedy parity against PyTorch, ITL and tokens/s at batch 1 and 16,
 one JSON report. Needs a CUDA GPU, torch, tensorrt and cuda-python.
 
-Checks per model (every engine goes through serving.runtime_trt.TrtRuntime and the serving
-Scheduler, as in the Triton `gpt` model):
+Checks per model (every engine goes through serving.engine.runtime_trt.TrtRuntime and the
+serving Scheduler, as in the Triton `gpt` model):
 - logits: 16 prompts of different lengths, prefill then DECODE teacher-forced steps (both sides
   read PyTorch's greedy tokens), against PyTorch fp32 on the GPU with TF32 off:
   fp32 engine: max |Δlogit| <= 1e-3; fp16 engine: rms(Δ)/std(logits) <= 0.02 per position and
@@ -56,7 +56,7 @@ def environment() -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
-        from serving.runtime_trt import import_tensorrt
+        from serving.engine.gpu_libs import import_tensorrt
 
         env["tensorrt"] = import_tensorrt().__version__
     except Exception as e:  # reported, not fatal here: the .sh checked already
@@ -124,7 +124,7 @@ def compare(ref: np.ndarray, got: np.ndarray, margin: float) -> dict[str, Any]:
 
 
 def check_logits(runtime: Any, reference: Reference, vocab: int, precision: str) -> dict[str, Any]:
-    from serving.scheduler import Scheduler, StepRequest
+    from serving.engine.scheduler import Scheduler, StepRequest
 
     ps = prompts(vocab, 16, seed=1)
     pool = runtime.new_pool(max_sequences=16, max_length=reference.model.config.n_positions)
@@ -158,7 +158,7 @@ def check_logits(runtime: Any, reference: Reference, vocab: int, precision: str)
 
 
 def check_greedy(runtime: Any, reference: Reference, vocab: int, precision: str, steps: int = 32) -> dict[str, Any]:
-    from serving.scheduler import Scheduler, StepRequest
+    from serving.engine.scheduler import Scheduler, StepRequest
 
     ps = prompts(vocab, 4, seed=2)
     pool = runtime.new_pool(max_sequences=4, max_length=reference.model.config.n_positions)
@@ -188,7 +188,7 @@ def check_greedy(runtime: Any, reference: Reference, vocab: int, precision: str,
 
 
 def bench(runtime: Any, vocab: int, batch: int, n_positions: int) -> dict[str, Any]:
-    from serving.scheduler import Scheduler, StepRequest
+    from serving.engine.scheduler import Scheduler, StepRequest
 
     pool = runtime.new_pool(max_sequences=batch, max_length=n_positions)
     scheduler = Scheduler(runtime, pool, vocab_size=vocab)
@@ -213,9 +213,10 @@ def bench(runtime: Any, vocab: int, batch: int, n_positions: int) -> dict[str, A
 
 
 def run_model(name: str, out: Path, deadline: Deadline, report: dict[str, Any]) -> None:
-    from export import tensorrt as trt_export
+    from export.tensorrt.build import build_engine
+    from export.tensorrt.coverage import check_onnx_for_tensorrt
     from export.onnx import export_onnx
-    from serving.runtime_trt import TrtRuntime
+    from serving.engine.runtime_trt import TrtRuntime
 
     entry: dict[str, Any] = report.setdefault("models", {}).setdefault(name, {})
     t = _now()
@@ -225,7 +226,7 @@ def run_model(name: str, out: Path, deadline: Deadline, report: dict[str, Any]) 
     onnx_path = out / f"{name}_dynamic.onnx"
     export_onnx(model, onnx_path, kv_cache="dynamic", precision="fp32", validate=False)
     entry["export_s"] = round(_now() - t, 1)
-    compat = trt_export.check_onnx_for_tensorrt(onnx_path)
+    compat = check_onnx_for_tensorrt(onnx_path)
     entry["op_check"] = {"ok": compat.ok, "op_counts": dict(compat.op_counts),
                          "problems": [p.message for p in compat.problems]}
     reference = Reference(model)
@@ -236,7 +237,7 @@ def run_model(name: str, out: Path, deadline: Deadline, report: dict[str, Any]) 
             continue
         result: dict[str, Any] = entry.setdefault(precision, {})
         plan = out / f"{name}_{precision}.plan"
-        summary = trt_export.build_engine(onnx_path, plan, precision=precision, max_batch=16, progress=False,
+        summary = build_engine(onnx_path, plan, precision=precision, max_batch=16, progress=False,
                                           timing_cache=out / "timing.cache")
         result["engine"] = {k: v for k, v in summary.to_dict().items() if k not in ("io", "config")}
         runtime = TrtRuntime(plan)

@@ -49,7 +49,7 @@ if ! "$PY" -c "import tensorrt" 2>/dev/null; then
 fi
 "$PY" -c "import tensorrt; print('tensorrt', tensorrt.__version__)" \
   || unavailable "tensorrt is installed but does not import (CUDA runtime / driver mismatch?)"
-if ! "$PY" -c "from serving.runtime_trt import import_cudart; import_cudart()" 2>/dev/null; then
+if ! "$PY" -c "from serving.engine.gpu_libs import import_cudart; import_cudart()" 2>/dev/null; then
   "$PY" -m pip install --quiet "cuda-python>=12.3,<13" || unavailable "pip install cuda-python failed"
 fi
 

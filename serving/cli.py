@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from export.tensorrt import build_engine_command  # onnx + (optional) tensorrt; no torch
+from export.tensorrt.command import build_engine_command  # onnx + (optional) tensorrt; no torch
 from serving.commands.bench import bench
 from serving.commands.generate import generate
 from serving.commands.repo import repo_app

@@ -52,14 +52,14 @@ class ServingOptions:
     # In-flight batching (the default): `gpt` is a decoupled model with its own batching thread,
     # which waits up to max_step_wait_microseconds for every sequence of its previous engine call
     # to send its next step, so concurrent client-side streams step together in one call (see
-    # serving/templates/gpt/1/model.py). Clients step it over gRPC streams. Off: the plain
+    # serving/engine/step.py). Clients step it over gRPC streams. Off: the plain
     # request/response model (HTTP client-side loops, other clients, perf_analyzer without
     # --streaming). Measured (gpt2 shape, 2 cores, 8 client-side streams): 6.3-6.6 steps per
     # engine call with it (7.6 in the decode calls; prompts run alone), 4.3 without.
     inflight_batching: bool = True
     max_step_wait_microseconds: int = 5000
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
-    intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.runtime.session_options
+    intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.engine.runtime.session_options
     generate_instances: int = 1
 
     def __post_init__(self) -> None:

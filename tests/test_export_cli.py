@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from export.cli import app
 from serving.repository import parse_config, validate_repository, verify_manifest
-from serving.runtime import OrtRuntime
+from serving.engine.runtime import OrtRuntime
 from tests.conftest import train_tokenizer
 
 runner = CliRunner()

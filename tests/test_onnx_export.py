@@ -18,7 +18,7 @@ from export.model import GPT
 from export.onnx import DEFAULT_OPSET, ExportResult, export_onnx
 from export.onnx.graph import graph_specs
 from serving import tensors
-from serving.runtime import OrtRuntime
+from serving.engine.runtime import OrtRuntime
 from tests.onnx_export_fixtures import TOL, assert_fp32_checks, graph, model, text_tokens  # noqa: F401 (fixtures)
 
 

@@ -12,7 +12,7 @@ import pytest
 from export.model import GPT
 from export.onnx import TOLERANCES, ValidationError, export_onnx, validate_onnx
 from export.onnx.optimise import LM_HEAD_WEIGHT
-from serving.runtime import OrtRuntime
+from serving.engine.runtime import OrtRuntime
 from tests.onnx_export_fixtures import graph, model, randomize_aux, text_tokens  # noqa: F401 (fixtures)
 
 

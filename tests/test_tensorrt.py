@@ -1,70 +1,36 @@
-"""The TensorRT path: what runs on CPU (operator coverage of the real exported graphs, profiles
-vs config.pbtxt and the KV pool, the native config, the paged step logic through ONNX Runtime
-against PyTorch, docker image choice) and, marked `gpu`, what needs TensorRT on a GPU."""
+"""export/tensorrt/: what runs on CPU (operator coverage of the real exported graphs, profiles
+vs config.pbtxt and the KV pool, the native config, the build-engine command, build progress,
+docker image choice) and, without TensorRT, the build's message. The runtime side (the paged
+step logic, TrtRuntime on a GPU) is tests/test_engine_runtime_trt.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from export.config import GPTConfig
-from export.model import GPT
-from export.onnx import export_onnx, to_fp16, to_int8
-from export import tensorrt as trt_export
+from export.onnx import to_fp16, to_int8
+from export.tensorrt import build, command, coverage, native
 from serving import tensors
-from serving.kv_cache import KVPool
+from serving.engine.gpu_libs import TensorRTUnavailableError
+from serving.engine.kv_cache import KVPool
+from serving.engine.profiles import AxisRange, check_profiles
 from serving.repository import ServingOptions, parse_config, write_repository
-from serving.runtime import OrtRuntime, load_runtime
-from serving.runtime_trt import (
-    AxisRange,
-    HostOps,
-    OrtEngine,
-    PagedStepRuntime,
-    Profile,
-    TensorRTUnavailableError,
-    attention_mask,
-    bucket_past,
-    check_profiles,
-    compaction_order,
-    default_profiles,
-    write_column,
-)
-from serving.scheduler import Scheduler, StepRequest
 from serving.server import DOCKER_IMAGE, TENSORRT_DOCKER_IMAGE, docker_image_for
+from tests.trt_graphs import HAS_TENSORRT, TINY, graphs, model  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None or importlib.util.find_spec("tensorrt_bindings") is not None
-TINY = GPTConfig.from_preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def graphs(model: GPT, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real exports of the tiny model: dynamic (what TensorRT builds from) and static."""
-    out = tmp_path_factory.mktemp("trt")
-    # optimize=False: the static graph's GroupQueryAttention is there without ORT's other fusions
-    return {kv: export_onnx(model, out / f"{kv}.onnx", kv_cache=kv, validate=False, optimize=False).path
-            for kv in ("dynamic", "static")}
 
 
 # ---------------------------------------------------------------------------- operator coverage
 
 
 def test_operator_list_is_the_pinned_release() -> None:
-    ops = trt_export.load_supported_ops()
-    data = json.loads(trt_export.OPS_FILE.read_text())
+    ops = coverage.load_supported_ops()
+    data = json.loads(coverage.OPS_FILE.read_text())
     assert ops.tensorrt_version == "10.6" == data["tensorrt_version"]
     assert ops.source["repository"] == "onnx/onnx-tensorrt" and len(ops.source["commit"]) == 40
     assert (ops.opset_min, ops.opset_max) == (9, 22)
@@ -72,13 +38,13 @@ def test_operator_list_is_the_pinned_release() -> None:
     assert not ops.operators["DynamicQuantizeLinear"].supported and not ops.operators["MatMulInteger"].supported
     assert "GroupQueryAttention" not in ops.operators
     # the Dockerfile and the runtime pin the same release
-    from serving.runtime_trt import TENSORRT_VERSION
+    from serving.engine.gpu_libs import TENSORRT_VERSION
     assert TENSORRT_VERSION == ops.tensorrt_version
     assert "tensorrt-cu12==10.6.0" in (ROOT / "docker" / "Dockerfile.tensorrt").read_text()
 
 
 def test_dynamic_graph_is_supported_by_the_tensorrt_parser(graphs: dict[str, Path]) -> None:
-    report = trt_export.check_onnx_for_tensorrt(graphs["dynamic"])
+    report = coverage.check_onnx_for_tensorrt(graphs["dynamic"])
     assert report.ok, report.problems
     assert {"LayerNormalization", "MatMul", "Concat", "Softmax"} <= set(report.op_counts)
     assert all("::" not in op for op in report.op_counts)  # default ONNX domain only
@@ -87,27 +53,27 @@ def test_dynamic_graph_is_supported_by_the_tensorrt_parser(graphs: dict[str, Pat
 
 def test_fp16_dynamic_graph_is_supported(graphs: dict[str, Path]) -> None:
     proto = to_fp16(onnx.load(str(graphs["dynamic"])))
-    report = trt_export.check_onnx_for_tensorrt(proto)
+    report = coverage.check_onnx_for_tensorrt(proto)
     assert report.ok, report.problems
     types = {v.type.tensor_type.elem_type for v in proto.graph.input if v.name.startswith("past_key_values.")}
     assert types == {onnx.TensorProto.FLOAT16}
 
 
 def test_static_graph_fails_naming_group_query_attention(graphs: dict[str, Path]) -> None:
-    report = trt_export.check_onnx_for_tensorrt(graphs["static"])
+    report = coverage.check_onnx_for_tensorrt(graphs["static"])
     assert not report.ok
     gqa = [p for p in report.problems if p.op_type == "com.microsoft::GroupQueryAttention"]
     assert len(gqa) == TINY.n_layer and all(p.kind == "domain" for p in gqa)
-    with pytest.raises(trt_export.UnsupportedGraphError, match=r"com.microsoft::GroupQueryAttention.*kv_cache='dynamic'"):
+    with pytest.raises(coverage.UnsupportedGraphError, match=r"com.microsoft::GroupQueryAttention.*kv_cache='dynamic'"):
         report.raise_if_problems()
     # build_engine refuses it on CPU, before TensorRT is imported
-    with pytest.raises(trt_export.UnsupportedGraphError, match="GroupQueryAttention"):
-        trt_export.build_engine(graphs["static"], graphs["static"].with_suffix(".plan"))
+    with pytest.raises(coverage.UnsupportedGraphError, match="GroupQueryAttention"):
+        build.build_engine(graphs["static"], graphs["static"].with_suffix(".plan"))
 
 
 def test_int8_onnx_export_is_not_parseable(graphs: dict[str, Path]) -> None:
     proto = to_int8(onnx.load(str(graphs["dynamic"])))
-    report = trt_export.check_onnx_for_tensorrt(proto)
+    report = coverage.check_onnx_for_tensorrt(proto)
     bad = {p.op_type for p in report.problems if p.kind == "operator"}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= bad
 
@@ -121,12 +87,12 @@ def test_unsupported_dtype_and_restriction_are_reported() -> None:
                           h.make_node("Unsqueeze", ["m", "axes"], ["u"]),
                           h.make_node("Squeeze", ["u", "axes"], ["y"])], "g", [a, axes], [y])
     proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
-    problems = trt_export.check_onnx_for_tensorrt(proto).problems
+    problems = coverage.check_onnx_for_tensorrt(proto).problems
     assert [(p.kind, p.op_type) for p in problems] == [("dtype", "MatMul"), ("restriction", "Unsqueeze"),
                                                        ("restriction", "Squeeze")]
     assert "INT32" in problems[0].message and "FP32, FP16, BF16" in problems[0].message
     proto.opset_import[0].version = 23
-    assert any(p.kind == "opset" for p in trt_export.check_onnx_for_tensorrt(proto).problems)
+    assert any(p.kind == "opset" for p in coverage.check_onnx_for_tensorrt(proto).problems)
 
 
 # ---------------------------------------------------------------------------- profiles
@@ -134,7 +100,7 @@ def test_unsupported_dtype_and_restriction_are_reported() -> None:
 
 def test_default_profiles_agree_with_config_pbtxt_and_the_pool(graphs: dict[str, Path], tmp_path: Path) -> None:
     options = ServingOptions(max_sequences=8)
-    profiles = trt_export.profiles_from_flags(n_positions=TINY.n_positions, max_batch=options.max_sequences)
+    profiles = command.profiles_from_flags(n_positions=TINY.n_positions, max_batch=options.max_sequences)
     repo = write_repository(tmp_path / "repo", engine_file=graphs["dynamic"], tokenizer_json="{}",
                             model_config=TINY.to_dict(), options=options)
     config = parse_config((repo / "gpt" / "config.pbtxt").read_text())
@@ -161,149 +127,31 @@ def test_default_profiles_agree_with_config_pbtxt_and_the_pool(graphs: dict[str,
 
 
 def test_custom_profile_flags() -> None:
-    (p,) = trt_export.profiles_from_flags(n_positions=128, max_batch=4, max_shapes="batch=16,seq=64")
+    (p,) = command.profiles_from_flags(n_positions=128, max_batch=4, max_shapes="batch=16,seq=64")
     assert p.batch == AxisRange(1, 4, 16) and p.seq == AxisRange(1, 1, 64) and p.past == AxisRange(0, 64, 127)
     with pytest.raises(ValueError, match="prompt of max_length=128"):
         check_profiles([p], n_positions=128, max_sequences=4, max_length=128)
     for bad, match in (("batch=1,tokens=2", "AXIS=N"), ("batch=x", "not an integer"), ("batch=1,batch=2", "twice")):
         with pytest.raises(ValueError, match=match):
-            trt_export.parse_shape_spec(bad, flag="--min-shapes")
+            command.parse_shape_spec(bad, flag="--min-shapes")
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        trt_export.profiles_from_flags(n_positions=128, max_batch=4, min_shapes="batch=8")
-
-
-def test_past_bucketing_stays_in_the_profile() -> None:
-    decode = default_profiles(n_positions=128, max_batch=4)[0]
-    assert bucket_past(0, profile=decode, limit=127, bucket=64) == 0
-    assert bucket_past(1, profile=decode, limit=127, bucket=64) == 64
-    assert bucket_past(100, profile=decode, limit=127, bucket=64) == 127  # capped: past + 1 <= max_length
-    with pytest.raises(ValueError, match="does not fit"):
-        bucket_past(120, profile=Profile("p", AxisRange(1, 1, 1), AxisRange(1, 1, 1), AxisRange(0, 0, 64)),
-                    limit=127, bucket=64)
-
-
-# ---------------------------------------------------------------------------- the paged step logic
-
-
-def test_column_map_helpers() -> None:
-    columns = np.array([[0, 1, 5, 6, 9, 9], [0, 1, 2, 3, 4, 5]])
-    past = np.array([3, 2])
-    assert write_column(columns, past) == 6  # row 0's valid columns are 0, 1, 5
-    mask = attention_mask(columns, past, P=8, T=2)
-    assert mask.tolist() == [[1, 1, 0, 0, 0, 1, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0, 0, 0, 1, 1]]
-    assert compaction_order(columns, past).tolist() == [[0, 1, 5, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
-
-
-_REFERENCE: dict[tuple[int, ...], np.ndarray] = {}
-
-
-@torch.no_grad()
-def _reference(model: GPT, tokens: list[int]) -> np.ndarray:
-    """PyTorch's last-position logits for the whole token history (no cache: the plain reference)."""
-    key = (id(model), *tokens)
-    if key not in _REFERENCE:
-        logits, _ = model(torch.tensor([tokens]), last_only=True)
-        _REFERENCE[key] = logits[0].numpy()
-    return _REFERENCE[key]
-
-
-def test_paged_runtime_matches_pytorch_through_the_scheduler(model: GPT, graphs: dict[str, Path]) -> None:
-    """The TensorRT runtime's step logic (gather, holes, one write column, compaction), with ONNX
-    Runtime executing the same dynamic graph and numpy buffers copied with the CUDA copies'
-    offsets and pitches, against PyTorch token by token."""
-    engine = OrtEngine(graphs["dynamic"], profiles=default_profiles(n_positions=TINY.n_positions, max_batch=4))
-    runtime = PagedStepRuntime(engine, HostOps(), past_bucket=16)
-    pool = runtime.new_pool(max_sequences=3, max_length=48)
-    scheduler = Scheduler(runtime, pool, vocab_size=TINY.vocab_size)
-    rng = np.random.default_rng(0)
-    history = {1: rng.integers(0, TINY.vocab_size, 30).tolist(), 2: rng.integers(0, TINY.vocab_size, 3).tolist(),
-               3: rng.integers(0, TINY.vocab_size, 7).tolist()}
-    worst = 0.0
-
-    def run(requests: list[StepRequest]) -> None:
-        nonlocal worst
-        for request, result in zip(requests, scheduler.step(requests)):
-            assert result.error is None, result.error
-            if not request.end:
-                worst = max(worst, float(np.abs(result.logits - _reference(model, history[request.sequence_id])).max()))
-
-    def decode(ids: list[int]) -> None:
-        requests = []
-        for sid in ids:
-            token = int(_reference(model, history[sid]).argmax())
-            history[sid].append(token)
-            requests.append(StepRequest(sid, np.array([token])))
-        run(requests)
-
-    run([StepRequest(sid, np.array(tokens), start=True) for sid, tokens in history.items()])
-    for step in range(16):  # all three, then the long one pauses every other step (a dummy row)
-        decode([1, 2, 3] if step % 2 else [2, 3])
-    run([StepRequest(1, np.array([0]), end=True)])
-    history[4] = rng.integers(0, TINY.vocab_size, 5).tolist()
-    run([StepRequest(4, np.array(history[4]), start=True)])
-    for _ in range(6):  # slot 1 has holes up to the old long row's columns: forces compaction
-        decode([4, 2, 3])
-    continuation = rng.integers(0, TINY.vocab_size, 3).tolist()
-    history[2] += continuation
-    run([StepRequest(2, np.array(continuation))])  # a prompt after a past, as one row
-
-    state = runtime._pools[pool]
-    assert state.compactions >= 1
-    assert worst < 1e-4, worst  # fp32: the same function, summed in another order
-    assert {p for p, _ in engine.calls} == {0, 1}  # decode and prefill profiles both used
-    assert all(B <= 4 for _, (B, _) in engine.calls)
-
-
-def test_paged_runtime_rejects_bad_steps(graphs: dict[str, Path]) -> None:
-    runtime = PagedStepRuntime(OrtEngine(graphs["dynamic"], profiles=default_profiles(n_positions=128, max_batch=2)),
-                               HostOps())
-    pool = runtime.new_pool(max_sequences=4, max_length=16)
-    with pytest.raises(ValueError, match="past_lengths \\+ new tokens"):
-        runtime.step(np.zeros((1, 2)), pool=pool, slot_start=0, past_lengths=[15])
-    with pytest.raises(ValueError, match="largest profile batch 2"):
-        runtime.step(np.zeros((3, 1)), pool=pool, slot_start=0, past_lengths=[0, 0, 0])
-    with pytest.raises(ValueError, match="input_ids must be in"):
-        runtime.step(np.full((1, 1), TINY.vocab_size), pool=pool, slot_start=0, past_lengths=[0])
-    wrong = KVPool(n_layer=1, n_head=TINY.n_head, head_dim=TINY.head_dim, max_sequences=1, max_length=8)
-    with pytest.raises(ValueError, match="does not match the engine"):
-        runtime.step(np.zeros((1, 1)), pool=wrong, slot_start=0, past_lengths=[0])
-
-
-def test_host_copy2d_refuses_out_of_bounds() -> None:
-    ops = HostOps()
-    src, dst = ops.alloc(64), ops.alloc(64)
-    with pytest.raises(ValueError, match="past the destination"):
-        ops.copy2d(dst, 40, 16, src, 0, 16, 16, 2)
-    with pytest.raises(ValueError, match="bad 2-D copy"):
-        ops.copy2d(dst, 0, 8, src, 0, 16, 16, 2)
+        command.profiles_from_flags(n_positions=128, max_batch=4, min_shapes="batch=8")
 
 
 # ---------------------------------------------------------------------------- loading, repositories, CLI
 
 
-def test_load_runtime_dispatches_by_suffix(graphs: dict[str, Path], tmp_path: Path) -> None:
-    assert isinstance(load_runtime(graphs["dynamic"]), OrtRuntime)
-    with pytest.raises(ValueError, match="unknown suffix"):
-        load_runtime(tmp_path / "model.bin")
-    with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
-        load_runtime(tmp_path / "missing.plan")
-
-
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
-def test_without_tensorrt_the_gpu_paths_say_what_to_install(graphs: dict[str, Path], tmp_path: Path) -> None:
-    plan = tmp_path / "gpt.plan"
-    plan.write_bytes(b"not an engine")
-    with pytest.raises(TensorRTUnavailableError, match="tensorrt-cu12==10.6.0|cuda-python"):
-        load_runtime(plan)
+def test_without_tensorrt_the_build_says_what_to_install(graphs: dict[str, Path], tmp_path: Path) -> None:
     # the CPU checks pass first, then the build needs TensorRT
     with pytest.raises(TensorRTUnavailableError, match="tensorrt-cu12==10.6.0"):
-        trt_export.build_engine(graphs["dynamic"], tmp_path / "out.plan", precision="fp16", progress=False)
+        build.build_engine(graphs["dynamic"], tmp_path / "out.plan", precision="fp16", progress=False)
     with pytest.raises(ValueError, match="explicitly quantized"):
-        trt_export.build_engine(graphs["dynamic"], tmp_path / "out.plan", precision="int8")
+        build.build_engine(graphs["dynamic"], tmp_path / "out.plan", precision="int8")
 
 
 def test_native_tensorrt_plan_config_parses_and_follows_the_table() -> None:
-    text = trt_export.render_native_config(model_config=TINY.to_dict(), kv_dtype="float16",
+    text = native.render_native_config(model_config=TINY.to_dict(), kv_dtype="float16",
                                            options=ServingOptions(max_sequences=4), engine_file="gpt.plan")
     config = parse_config(text)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
@@ -322,7 +170,7 @@ def test_build_engine_check_only_cli(graphs: dict[str, Path]) -> None:
     import typer
 
     app = typer.Typer()
-    app.command()(trt_export.build_engine_command)
+    app.command()(command.build_engine_command)
     ok = CliRunner().invoke(app, [str(graphs["dynamic"]), "--check-only", "--max-batch", "4"])
     assert ok.exit_code == 0, ok.output
     assert "supported by TensorRT 10.6" in ok.output and "profile decode: batch 1/4/4" in ok.output
@@ -355,7 +203,7 @@ def test_build_progress_tracks_nested_phases() -> None:
     from rich.progress import Progress
 
     with Progress(transient=True, disable=True) as bar:
-        tracker = trt_export.BuildProgress(bar)
+        tracker = build.BuildProgress(bar)
         tracker.phase_start("Building engine", None, 3)
         tracker.phase_start("Tactic selection", "Building engine", 10)
         assert tracker.step_complete("Tactic selection", 4)
@@ -364,35 +212,6 @@ def test_build_progress_tracks_nested_phases() -> None:
         assert len(bar.tasks) == 1
         tracker.cancel()
         assert tracker.step_complete("Building engine", 0) is False  # tells TensorRT to stop
-
-
-# ---------------------------------------------------------------------------- GPU (TensorRT)
-
-
-@pytest.mark.gpu
-def test_tensorrt_engine_matches_pytorch(model: GPT, graphs: dict[str, Path], tmp_path: Path) -> None:
-    pytest.importorskip("tensorrt")
-    pytest.importorskip("cuda")
-    from serving.runtime_trt import TrtRuntime
-
-    plan = tmp_path / "tiny.plan"
-    summary = trt_export.build_engine(graphs["dynamic"], plan, precision="fp32", max_batch=4, progress=False)
-    assert summary.layers > 0 and plan.stat().st_size == summary.bytes
-    runtime = TrtRuntime(plan)
-    pool = runtime.new_pool(max_sequences=4, max_length=TINY.n_positions)
-    scheduler = Scheduler(runtime, pool, vocab_size=TINY.vocab_size)
-    rng = np.random.default_rng(1)
-    history = {sid: rng.integers(0, TINY.vocab_size, n).tolist() for sid, n in ((1, 5), (2, 11), (3, 2))}
-    results = scheduler.step([StepRequest(s, np.array(t), start=True) for s, t in history.items()])
-    for _ in range(12):
-        requests = []
-        for sid, result in zip(history, results):
-            assert result.error is None, result.error
-            assert np.abs(result.logits - _reference(model, history[sid])).max() < 1e-3  # TF32 off: fp32 math
-            token = int(_reference(model, history[sid]).argmax())
-            history[sid].append(token)
-            requests.append(StepRequest(sid, np.array([token])))
-        results = scheduler.step(requests)
 
 
 def test_tensorrt_dockerfile_pins_the_release_and_starts_like_the_server() -> None:

@@ -86,7 +86,7 @@ def _all_data_inline(proto: onnx.ModelProto) -> bool:
 
 
 def set_metadata(proto: onnx.ModelProto, *, config: GPTConfig, kv_cache: str, precision: str) -> None:
-    """The metadata the engine reads back (serving/runtime.py): config, cache kind, precision."""
+    """The metadata the engine reads back (serving/engine/runtime.py): config, cache kind, precision."""
     meta = {"gptpipe.config": json.dumps(config.to_dict()), "gptpipe.kv_cache": kv_cache,
             "gptpipe.precision": precision}
     kept = [p for p in proto.metadata_props if p.key not in meta]

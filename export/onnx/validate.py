@@ -1,5 +1,5 @@
 """An exported graph against the model in PyTorch, through the engine that serves it
-(serving/runtime.py): logits, greedy agreement and perplexity, the tolerance table per precision,
+(serving/engine/runtime.py): logits, greedy agreement and perplexity, the tolerance table per precision,
 and ValidationError naming the check, the value and the limit."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from export.config import GPTConfig
 from export.model import GPT
 from export.onnx.graph import PRECISIONS
 from serving import tensors
-from serving.runtime import OrtRuntime
+from serving.engine.runtime import OrtRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def validate_onnx(
     tolerance: Optional[Tolerance] = None,
     intra_op_threads: Optional[int] = None,
 ) -> ValidationReport:
-    """Run the ONNX graph in ONNX Runtime through serving.runtime.OrtRuntime (the serving engine)
+    """Run the ONNX graph in ONNX Runtime through serving.engine.runtime.OrtRuntime (the serving engine)
     against `model` in PyTorch fp32; raise ValidationError naming the check, value and limit.
 
     Checks (tokens are teacher-forced: both sides read the PyTorch greedy continuation, so one

@@ -2,7 +2,7 @@
 
 Served paths go through the real Triton server with `serving.client` (`client` mode: the
 client-side loop over the stateful `gpt` model; `server` mode: the streaming `generate`
-model). The in-process ONNX Runtime loop (`serving.runtime` + `serving.kv_cache`) and the
+model). The in-process ONNX Runtime loop (`serving.engine.runtime` + `serving.engine.kv_cache`) and the
 memory-bandwidth limit are here too; the PyTorch baselines live in `export.baselines`,
 imported only when asked for, because `serving` never imports torch.
 

@@ -24,11 +24,11 @@ def engine_config(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 class OrtLoop:
     """Baseline 3: greedy decoding with the exported graph in this process, no Triton — the same
-    engine the `gpt` model runs (`serving.runtime.OrtRuntime.step` over a one-slot
-    `serving.kv_cache.KVPool`), minus the server, the client and the network."""
+    engine the `gpt` model runs (`serving.engine.runtime.OrtRuntime.step` over a one-slot
+    `serving.engine.kv_cache.KVPool`), minus the server, the client and the network."""
 
     def __init__(self, engine: Path | str, *, threads: int, max_length: Optional[int] = None) -> None:
-        from serving.runtime import OrtRuntime  # onnxruntime: only when this baseline runs
+        from serving.engine.runtime import OrtRuntime  # onnxruntime: only when this baseline runs
 
         self.runtime = OrtRuntime(engine, intra_op_threads=threads)
         length = max_length or engine_config(self.runtime.metadata).get("n_positions", 0)

@@ -49,7 +49,7 @@ def finite_or_none(data: Any) -> Any:
 BASELINE_LABELS = {
     "transformers": "transformers GPT2LMHeadModel.generate (PyTorch eager, KV cache)",
     "torch_loop": "gptpipe PyTorch loop (export.model)",
-    "ort_inprocess": "in-process ONNX Runtime loop (serving.runtime, no Triton)",
+    "ort_inprocess": "in-process ONNX Runtime loop (serving.engine.runtime, no Triton)",
     "bandwidth_limit": "memory-bandwidth limit (weight bytes per token / read bandwidth)",
 }
 

@@ -119,7 +119,7 @@ def read_repository(repository: Path | str) -> ServedModel:
     """The served model's config, engine and deploy-time values, from its config.pbtxt."""
     from serving import tensors
     from serving.repository import validate_repository
-    from serving.runtime import physical_cores
+    from serving.engine.runtime import physical_cores
 
     repository = Path(repository)
     configs = validate_repository(repository)

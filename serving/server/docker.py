@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from serving.engine.contract import TENSORRT_SUFFIXES
 from serving.server.common import STARTUP_ARGS
 from serving.server.ports import check_port
 
@@ -14,7 +15,6 @@ DOCKER_IMAGE = "gptpipe-triton:0.1.0"
 # docker/Dockerfile.tensorrt: Triton 24.11 (TensorRT 10.6) + gptpipe's TensorRT runtime, for
 # repositories whose gpt model is a TensorRT engine (an engine runs only on the TensorRT that built it).
 TENSORRT_DOCKER_IMAGE = "gptpipe-triton-trt:0.1.0"
-TENSORRT_ENGINE_SUFFIXES = (".plan", ".engine")
 CONTAINER_REPOSITORY = "/models"
 # Ports inside the container are Triton's defaults; the host side is configurable.
 CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -24,7 +24,7 @@ def docker_image_for(repository: Path | str) -> str:
     """The TensorRT image when the repository's `gpt` model holds a TensorRT engine
     (``gpt/<version>/*.plan``), else the default image."""
     gpt = Path(repository) / "gpt"
-    engines = [p for p in gpt.glob("*/*") if p.suffix in TENSORRT_ENGINE_SUFFIXES and p.is_file()]
+    engines = [p for p in gpt.glob("*/*") if p.suffix in TENSORRT_SUFFIXES and p.is_file()]
     return TENSORRT_DOCKER_IMAGE if engines else DOCKER_IMAGE
 
 

@@ -17,18 +17,16 @@ import logging
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from serving.kv_cache import KVPool, PoolFullError
+from serving.engine.contract import Runtime
+from serving.engine.kv_cache import KVPool, PoolFullError
 
 logger = logging.getLogger(__name__)
 
-
-class StepRuntime(Protocol):
-    def step(self, input_ids: np.ndarray, *, pool: KVPool, slot_start: int,
-             past_lengths: np.ndarray) -> np.ndarray: ...
+BUSY_PREFIX = "server busy"  # a START refused because the pool is full: retryable (Triton UNAVAILABLE)
 
 
 class StepError(ValueError):
@@ -70,7 +68,7 @@ class _Sequence:
 
 @dataclass
 class Scheduler:
-    runtime: StepRuntime
+    runtime: Runtime
     pool: KVPool
     vocab_size: int
     idle_timeout_s: float = 60.0
@@ -143,7 +141,7 @@ class Scheduler:
             except PoolFullError:
                 self.stats.busy_rejections += 1
                 raise StepError(
-                    f"server busy: {self.pool.max_sequences} of {self.pool.max_sequences} "
+                    f"{BUSY_PREFIX}: {self.pool.max_sequences} of {self.pool.max_sequences} "
                     "sequences active; retry later or send END for finished sequences") from None
             self.pool.lengths[slot] = 0
             seq = self._sequences[req.sequence_id] = _Sequence(slot, self.clock())

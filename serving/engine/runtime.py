@@ -1,4 +1,4 @@
-"""One `step()` interface over ONNX Runtime (numpy + onnxruntime only; never torch).
+"""ONNX Runtime behind the `Runtime` step interface: `OrtRuntime` (numpy + onnxruntime only; never torch).
 
 `OrtRuntime(path)` reads the graph's inputs to learn what it serves: the cache kind (the past's
 sequence axis is `max_sequence_length` for the static graph, `past_sequence_length` for the
@@ -43,7 +43,8 @@ import numpy as np
 import onnxruntime as ort
 
 from serving import tensors
-from serving.kv_cache import KVPool
+from serving.engine.contract import check_pool, check_rows, check_tokens
+from serving.engine.kv_cache import KVPool
 
 logger = logging.getLogger(__name__)
 
@@ -218,23 +219,10 @@ class OrtRuntime:
 
     def _check_step(self, input_ids: np.ndarray, pool: KVPool, slot_start: int,
                     past: np.ndarray) -> tuple[int, int]:
-        if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be (batch >= 1, tokens >= 1), got shape {input_ids.shape}")
-        B, T = input_ids.shape
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
-        if (pool.n_layer, pool.n_head, pool.head_dim) != (self.n_layer, self.n_head, self.head_dim):
-            raise ValueError(
-                f"pool shape (n_layer, n_head, head_dim) = {(pool.n_layer, pool.n_head, pool.head_dim)} "
-                f"does not match the graph's {(self.n_layer, self.n_head, self.head_dim)}")
-        if pool.dtype != self.kv_dtype:
-            raise ValueError(f"pool dtype {pool.dtype} does not match the graph's KV dtype {self.kv_dtype}")
-        if not isinstance(slot_start, (int, np.integer)) or slot_start < 0 or slot_start + B > pool.max_sequences:
-            raise ValueError(f"slots [slot_start, slot_start + batch) = [{slot_start}, {slot_start} + {B}) "
-                             f"must lie in [0, {pool.max_sequences})")
-        if past.shape != (B,):
-            raise ValueError(f"past_lengths must have shape (batch,) = ({B},), got {past.shape}")
+        B, T = check_tokens(input_ids, self.vocab_size)
+        check_pool(pool, n_layer=self.n_layer, n_head=self.n_head, head_dim=self.head_dim,
+                   kv_dtype=self.kv_dtype, owner="graph")
+        check_rows(pool, slot_start, past, B)
         limit = min(pool.max_length, self.n_positions or pool.max_length)
         if past.min() < 0 or int(past.max()) + T > limit:
             raise ValueError(f"past_lengths + new tokens must be in [{T}, {limit}] (the pool's "
@@ -270,21 +258,3 @@ class OrtRuntime:
         return {name: np.zeros(shape, self.kv_dtype)
                 for i in range(self.n_layer) for name in (tensors.past_key(i), tensors.past_value(i))}
 
-
-# Engine files by suffix: ONNX Runtime for .onnx, TensorRT (serving/runtime_trt.py, GPU) for plans.
-TENSORRT_SUFFIXES = (".plan", ".engine")
-
-
-def load_runtime(path: str | os.PathLike, *, intra_op_threads: Optional[int] = None, spinning: bool = True):
-    """The runtime for an engine file: `OrtRuntime` for `.onnx`, `TrtRuntime` for a TensorRT
-    `.plan` / `.engine` (imported only then: tensorrt and cuda-python are GPU-only). Both have
-    the same `step()`, `new_pool()` and graph facts (n_layer, kv_dtype, vocab_size, ...).
-    intra_op_threads and spinning are ONNX Runtime's (host threads)."""
-    suffix = Path(path).suffix
-    if suffix == ".onnx":
-        return OrtRuntime(path, intra_op_threads=intra_op_threads, spinning=spinning)
-    if suffix in TENSORRT_SUFFIXES:
-        from serving.runtime_trt import TrtRuntime
-
-        return TrtRuntime(path, intra_op_threads=intra_op_threads)
-    raise ValueError(f"engine file {path}: unknown suffix {suffix!r}; expected .onnx or one of {TENSORRT_SUFFIXES}")

@@ -1,0 +1,12 @@
+"""The engine on the server: what the `gpt` model runs, in the order a step flows through it.
+
+- step.py: the per-step hot path (gather the queued steps -> scheduler -> runtime.step -> respond)
+- scheduler.py: batches many sequences' steps into runtime calls; StepQueue (in-flight batching)
+- loader.py: `load_runtime`, the runtime for an engine file by its suffix
+- runtime.py: `OrtRuntime` (ONNX Runtime, the static in-place KV cache)
+- runtime_trt.py: `TrtRuntime` (TensorRT engine, GPU); paged.py: its step logic over any engine;
+  host_engine.py: the CPU stand-in engine; memory.py: host / CUDA buffers and copies;
+  profiles.py: optimisation profiles; gpu_libs.py: the pinned TensorRT / cuda-python imports
+- contract.py: the `Runtime` protocol and the step checks both runtimes share
+- kv_cache.py: `KVPool`, the preallocated KV slots
+"""

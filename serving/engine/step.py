@@ -1,0 +1,173 @@
+"""The server's per-step hot path: what the `gpt` model runs for each engine call — gather the
+queued steps, run them through the scheduler (one `runtime.step` per call), answer every request.
+
+Triton-free: serving/templates/gpt/1/model.py (the thin Triton adapter) reads the tensors of a
+request, and passes in how a request is answered (`Answer`), sent and counted (`MakeMetric`).
+
+Two flavours, chosen by the config's transaction policy:
+
+* plain (`export-model --no-inflight-batching`): `execute` runs the steps it is given
+  (`StepEngine.run`) and returns their responses. Steps that arrive while it runs form the next
+  batch, so concurrent streams settle into groups that take turns on the engine (Triton's
+  batching window counts from the oldest queued step, which has waited a whole engine call
+  already, and so never merges them).
+* decoupled, "in-flight batching" (the default; as TensorRT-LLM's batch manager): `execute`
+  queues each step with its response sender and returns; one thread runs `StepEngine.serve`.
+  Before each call it waits, up to `max_step_wait_microseconds`, for every sequence of the
+  previous call that is still active to send its next step, so N concurrent streams step
+  together in one call. Clients reach a decoupled model over a gRPC stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from serving.engine.kv_cache import KVPool
+from serving.engine.loader import load_runtime
+from serving.engine.scheduler import BUSY_PREFIX, Scheduler, StepQueue, StepRequest
+
+logger = logging.getLogger(__name__)
+
+# A parsed request: the step, or the message of why the request cannot be one.
+Step = Union[StepRequest, str]
+# (request, logits (V,) or None, error or None) -> the response for that request
+Answer = Callable[[Any, Optional[np.ndarray], Optional[str]], Any]
+# (kind "gauge" | "counter", name, description) -> a metric with set() / increment()
+MakeMetric = Callable[[str, str, str], Any]
+
+def is_busy(error: str) -> bool:
+    """The error is the full-pool refusal (Triton's UNAVAILABLE, not INVALID_ARG)."""
+    return error.startswith(BUSY_PREFIX)
+
+
+def parse_step(input_ids: np.ndarray, *, sequence_id: int, start: bool, end: bool) -> Step:
+    """A StepRequest from a request's tensors, or an error message for one that cannot be one."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        return f"input_ids must have shape [1, tokens] (one sequence per request), got {list(input_ids.shape)}"
+    return StepRequest(sequence_id=int(sequence_id), tokens=input_ids[0].astype(np.int64, copy=False),
+                       start=bool(start), end=bool(end))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the `gpt` model's config.pbtxt says about its engine, parsed once."""
+
+    engine_path: Path
+    model_config: Mapping[str, Any]
+    max_sequences: int
+    intra_op_threads: Optional[int]
+    spinning: bool
+    idle_timeout_s: float
+    max_step_wait_s: float
+
+    @classmethod
+    def from_triton(cls, config: Mapping[str, Any], version_dir: Path) -> EngineConfig:
+        """From Triton's model config (args["model_config"], parsed) and the version folder."""
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds") or 1_000_000)
+        return cls(
+            engine_path=Path(version_dir) / params["engine_file"],
+            model_config=json.loads(params["model_config"]),
+            max_sequences=int(params["max_sequences"]),
+            intra_op_threads=int(params.get("intra_op_threads") or 0) or None,
+            # spinning workers would take the cores Triton and the clients need between steps
+            spinning=params.get("intra_op_spinning", "0") == "1",
+            idle_timeout_s=idle_us / 1e6,
+            max_step_wait_s=int(params.get("max_step_wait_microseconds") or 0) / 1e6,
+        )
+
+
+class StepMetrics:
+    """The pool's use and the engine's calls, as custom metrics on Triton's metrics port; brought
+    up to date from the scheduler's stats after every engine call."""
+
+    def __init__(self, make: MakeMetric, *, free_slots: int) -> None:
+        self._active = make("gauge", "gptpipe_kv_active_sequences", "Sequences holding a KV-pool slot")
+        self._free = make("gauge", "gptpipe_kv_free_slots", "Free KV-pool slots")
+        self._max_rows = make("gauge", "gptpipe_max_rows_per_call", "Most real rows in one runtime call")
+        self._requests = make("counter", "gptpipe_step_requests_total", "Step requests received")
+        self._counters = {  # counter -> the scheduler stat it follows
+            "runtime_calls": make("counter", "gptpipe_runtime_calls_total", "Runtime (ONNX Runtime) calls"),
+            "batched_rows": make("counter", "gptpipe_batched_rows_total", "Rows run in multi-row decode calls"),
+            "busy_rejections": make("counter", "gptpipe_busy_rejections_total", "STARTs refused: pool full"),
+            "sequences_idled_out": make("counter", "gptpipe_idled_out_total", "Sequences freed by the idle timeout"),
+        }
+        self._last = dict.fromkeys(self._counters, 0)
+        self._free.set(free_slots)
+
+    def update(self, scheduler: Scheduler, n_requests: int) -> None:
+        s = scheduler.stats
+        self._active.set(scheduler.active)
+        self._free.set(scheduler.free_slots)
+        self._max_rows.set(s.max_rows_in_call)
+        self._requests.increment(n_requests)
+        for key, metric in self._counters.items():
+            now = getattr(s, key)
+            if now > self._last[key]:
+                metric.increment(now - self._last[key])
+            self._last[key] = now
+
+
+class StepEngine:
+    """One runtime, one preallocated KV pool, one scheduler; `run` is one engine call's steps."""
+
+    def __init__(self, config: EngineConfig, *, answer: Answer, make_metric: MakeMetric) -> None:
+        c = config.model_config
+        self.config, self.answer = config, answer
+        self.runtime = load_runtime(config.engine_path, intra_op_threads=config.intra_op_threads,
+                                    spinning=config.spinning)
+        self.pool = KVPool(
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            head_dim=c["n_embd"] // c["n_head"],
+            max_sequences=config.max_sequences,
+            max_length=c["n_positions"],
+            dtype=self.runtime.kv_dtype,
+        )
+        self.scheduler = Scheduler(self.runtime, self.pool, vocab_size=c["vocab_size"],
+                                   idle_timeout_s=config.idle_timeout_s)
+        self.metrics = StepMetrics(make_metric, free_slots=self.pool.max_sequences)
+
+    def run(self, requests: Sequence[Any], steps: Sequence[Step]) -> list[Any]:
+        """Run one batch of requests, parsed into steps (or error messages); their responses,
+        in order."""
+        valid = [s for s in steps if not isinstance(s, str)]
+        results = iter(self.scheduler.step(valid))
+        responses = []
+        for request, step in zip(requests, steps):
+            if isinstance(step, str):
+                responses.append(self.answer(request, None, step))
+            else:
+                result = next(results)
+                responses.append(self.answer(request, result.logits, result.error))
+        self.metrics.update(self.scheduler, len(requests))
+        return responses
+
+    def serve(self, queue: StepQueue, *, send: Callable[[Any, Any], None],
+              failed: Callable[[Any, Exception], Any]) -> None:
+        """The in-flight batching thread: until the queue closes, gather the next batch of
+        (request, step, sender) and send each response (`failed(request, e)`: the response when
+        the whole batch raised)."""
+        cohort: set[int] = set()  # sequences of the last call that are still active: worth waiting for
+        while True:
+            batch, ids = queue.gather(cohort)
+            if not batch:
+                return
+            requests, steps, senders = zip(*batch)
+            try:
+                responses = self.run(requests, steps)
+            except Exception as e:  # noqa: BLE001 - the thread must keep serving
+                logger.exception("gpt step failed")
+                responses = [failed(request, e) for request in requests]
+            for sender, response in zip(senders, responses):
+                try:
+                    send(sender, response)
+                except Exception:  # noqa: BLE001 - e.g. the client went away
+                    logger.exception("could not send a gpt response")
+            cohort = self.scheduler.sequence_ids() & ids

@@ -1,0 +1,158 @@
+"""serving/engine/step.py, the server's per-step hot path, without a server: the config a real
+repository writes (parsed with Triton's schema, as Triton hands it to the model), one engine
+call's steps through the real ONNX Runtime engine against PyTorch, the metrics it keeps, and the
+in-flight loop over a StepQueue. (On a real tritonserver: tests/test_serving.py, test_inflight.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+
+from serving.engine.scheduler import StepQueue, StepRequest
+from serving.engine.step import EngineConfig, StepEngine, is_busy, parse_step
+from serving.repository import ServingOptions, parse_config, write_repository
+from tests.conftest import wait_for
+
+TOL = 1e-4
+
+
+class Recorded:
+    """A metric sink: what the engine last set, or added up."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.value = kind, 0.0
+
+    def set(self, value: float) -> None:
+        assert self.kind == "gauge"
+        self.value = value
+
+    def increment(self, value: float) -> None:
+        assert self.kind == "counter" and value > 0
+        self.value += value
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_export, tmp_path_factory) -> Path:
+    model, _, onnx_path = tiny_export
+    return write_repository(tmp_path_factory.mktemp("step") / "repo", engine_file=onnx_path, tokenizer_json="{}",
+                            model_config=model.config.to_dict(),
+                            options=ServingOptions(max_sequences=3, max_step_wait_microseconds=1234,
+                                                   max_sequence_idle_microseconds=2_500_000))
+
+
+def triton_model_config(repository: Path) -> dict:
+    """The gpt model's config.pbtxt as the JSON Triton passes to initialize()."""
+    config = parse_config((repository / "gpt" / "config.pbtxt").read_text())
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def engine_for(repository: Path, answer=None) -> tuple[StepEngine, dict[str, Recorded]]:
+    metrics: dict[str, Recorded] = {}
+
+    def make_metric(kind: str, name: str, doc: str) -> Recorded:
+        assert doc and name not in metrics
+        metrics[name] = Recorded(kind)
+        return metrics[name]
+
+    config = EngineConfig.from_triton(triton_model_config(repository), repository / "gpt" / "1")
+    answer = answer or (lambda request, logits, error: (request, logits, error))
+    return StepEngine(config, answer=answer, make_metric=make_metric), metrics
+
+
+@torch.no_grad()
+def last_logits(model, tokens: list[int]) -> np.ndarray:
+    logits, _ = model(torch.tensor([tokens]), last_only=True)
+    return logits[0].numpy()
+
+
+def test_the_engine_config_is_what_the_repository_wrote(tiny_export, repository) -> None:
+    model, _, onnx_path = tiny_export
+    config = EngineConfig.from_triton(triton_model_config(repository), repository / "gpt" / "1")
+    assert config.engine_path == repository / "gpt" / "1" / onnx_path.name and config.engine_path.is_file()
+    assert config.model_config == json.loads(json.dumps(model.config.to_dict()))
+    assert config.max_sequences == 3 and config.intra_op_threads is None and config.spinning is False
+    assert config.idle_timeout_s == 2.5 and config.max_step_wait_s == pytest.approx(1234e-6)
+
+
+def test_parse_step_takes_one_sequence_per_request() -> None:
+    step = parse_step(np.array([[5, 6, 7]], dtype=np.int32), sequence_id=np.uint64(9), start=np.int32(1),
+                      end=np.int32(0))
+    assert isinstance(step, StepRequest) and (step.sequence_id, step.start, step.end) == (9, True, False)
+    assert step.tokens.dtype == np.int64 and step.tokens.tolist() == [5, 6, 7]
+    assert parse_step(np.zeros((2, 3), np.int64), sequence_id=1, start=True, end=False) == (
+        "input_ids must have shape [1, tokens] (one sequence per request), got [2, 3]")
+    assert is_busy("server busy: 3 of 3 sequences active") and not is_busy("prompt too long: ...")
+
+
+def test_one_engine_call_answers_every_request_in_order_and_counts(tiny_export, repository) -> None:
+    model = tiny_export[0]
+    engine, m = engine_for(repository)
+    assert m["gptpipe_kv_free_slots"].value == 3 and m["gptpipe_runtime_calls_total"].value == 0
+    prompts = {1: [1, 2, 3, 4], 2: [7, 8]}
+    steps = [StepRequest(1, np.array(prompts[1]), start=True), "input_ids must have shape [1, tokens]",
+             StepRequest(2, np.array(prompts[2]), start=True)]
+    responses = engine.run(["r1", "bad", "r2"], steps)
+    assert [r[0] for r in responses] == ["r1", "bad", "r2"]
+    assert responses[1] == ("bad", None, "input_ids must have shape [1, tokens]")
+    for (_, logits, error), sid in ((responses[0], 1), (responses[2], 2)):
+        assert error is None
+        np.testing.assert_allclose(logits, last_logits(model, prompts[sid]), atol=TOL, rtol=0)
+    assert m["gptpipe_runtime_calls_total"].value == 2  # two prompts: one call each
+    assert m["gptpipe_kv_active_sequences"].value == 2 and m["gptpipe_kv_free_slots"].value == 1
+
+    tokens = {sid: int(last_logits(model, p).argmax()) for sid, p in prompts.items()}
+    responses = engine.run(["d1", "d2"], [StepRequest(sid, np.array([t])) for sid, t in tokens.items()])
+    for (_, logits, error), sid in zip(responses, prompts):
+        assert error is None
+        np.testing.assert_allclose(logits, last_logits(model, prompts[sid] + [tokens[sid]]), atol=TOL, rtol=0)
+    assert m["gptpipe_runtime_calls_total"].value == 3  # both decode steps in ONE call
+    assert m["gptpipe_batched_rows_total"].value == 2 and m["gptpipe_max_rows_per_call"].value == 2
+    assert m["gptpipe_step_requests_total"].value == 5
+
+    starts = [StepRequest(sid, np.array([1]), start=True) for sid in (3, 4)]
+    _, (_, _, busy) = engine.run(["s3", "s4"], starts)
+    assert busy.startswith("server busy: 3 of 3") and is_busy(busy)
+    assert m["gptpipe_busy_rejections_total"].value == 1 and m["gptpipe_kv_free_slots"].value == 0
+    engine.run(["e1", "e2", "e3"], [StepRequest(sid, np.array([1]), end=True) for sid in (1, 2, 3)])
+    assert m["gptpipe_kv_active_sequences"].value == 0 and m["gptpipe_kv_free_slots"].value == 3
+
+
+def test_the_inflight_loop_sends_every_response_and_survives_failures(repository) -> None:
+    def answer(request, logits, error):
+        if request == "explode":
+            raise RuntimeError("boom")
+        return (request, error)
+
+    engine, _ = engine_for(repository, answer=answer)
+    queue = StepQueue(wait_s=0.0)
+    sent: dict[str, list] = {}
+
+    def send(sender, response):
+        if sender == "gone":
+            raise ConnectionError("the client went away")
+        sent.setdefault(sender, []).append(response)
+
+    def failed(request, error):
+        return (request, f"gpt step failed: {error}")
+
+    # one batch, queued before the loop starts: answering it raises, and one sender is gone
+    queue.put(6, ("explode", StepRequest(6, np.array([3]), start=True), "sender x"))
+    queue.put(None, ("b", "input_ids must have shape [1, tokens]", "gone"))
+    thread = threading.Thread(target=engine.serve, args=(queue,), kwargs=dict(send=send, failed=failed))
+    thread.start()
+    try:
+        assert wait_for(lambda: "sender x" in sent)
+        assert sent == {"sender x": [("explode", "gpt step failed: boom")]}  # every request told; "gone" logged
+        queue.put(5, ("a", StepRequest(5, np.array([1, 2]), start=True), "sender a"))  # the loop keeps serving
+        assert wait_for(lambda: "sender a" in sent)
+        assert sent["sender a"] == [("a", None)]
+    finally:
+        queue.close()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "serve() returns once the queue is closed"
