@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from serving.server import (
     docker_command,
     docker_image_for,
 )
+from serving.server.supervisor import Supervisor, SupervisorError, SupervisorOptions
 
 RepositoryOption = Annotated[
     Path, typer.Option("--repository", help="Triton model repository (a folder of <model>/config.pbtxt).")
@@ -43,6 +45,25 @@ DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="With --docker: print the docker command, run nothing.")
 ]
 
+RestartOption = Annotated[
+    str, typer.Option("--restart", help="on-failure: restart tritonserver when it or a model dies or stops "
+                      "answering (probed every few seconds); never: exit instead.")
+]
+DrainTimeoutOption = Annotated[
+    float, typer.Option("--drain-timeout", min=0, help="On Ctrl-C/SIGTERM, seconds running generations get to "
+                        "finish before they are ended with 'server shutting down'.")
+]
+AdminKeyOption = Annotated[
+    str | None, typer.Option("--admin-key", envvar="GPTPIPE_ADMIN_KEY", show_envvar=True,
+                             help="Key for Triton's admin APIs (repository, config, shared memory, statistics, "
+                             "trace, logging): header gptpipe-admin-key. Default: a new random key, written to "
+                             "a 0600 file whose path is printed.")
+]
+ApiKeyOption = Annotated[
+    str | None, typer.Option("--api-key", envvar="GPTPIPE_API_KEY", show_envvar=True,
+                             help="Require this key (header gptpipe-api-key) for inference too. Default: none.")
+]
+
 # A large repository (GPT-2 sessions, TensorRT engines) takes a while to load.
 READY_TIMEOUT_S = 600.0
 
@@ -55,6 +76,10 @@ def serve(
     metrics_port: MetricsPortOption = 8002,
     docker: DockerOption = False,
     dry_run: DryRunOption = False,
+    restart: RestartOption = "on-failure",
+    drain_timeout: DrainTimeoutOption = 30.0,
+    admin_key: AdminKeyOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Serve a model repository with Triton until Ctrl-C (or SIGTERM).
 
@@ -64,7 +89,11 @@ def serve(
     Example: gptpipe serve --repository model_repository --http-port 8000
 
     Example: gptpipe serve --docker --dry-run
+
+    Example: gptpipe serve --restart never --drain-timeout 5
     """
+    if restart not in ("on-failure", "never"):
+        raise typer.BadParameter(f"{restart!r} is not 'on-failure' or 'never'", param_hint="--restart")
     if dry_run and not docker:
         raise typer.BadParameter(
             "--dry-run only applies with --docker (it prints the docker command)", param_hint="--dry-run"
@@ -79,7 +108,19 @@ def serve(
         image = docker_image_for(repository)
         _serve_docker(docker_command(repository, image=image, host=host, **ports), dry_run=dry_run)
     else:
-        _serve_local(TritonServer(repository, host=host, **ports))
+        key_file = None
+        if admin_key is None:
+            admin_key, key_file = _new_admin_key()
+        try:
+            server = TritonServer(repository, host=host, admin_key=admin_key, api_key=api_key, **ports)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--admin-key/--api-key") from e
+        options = SupervisorOptions(restart=restart, drain_timeout_s=drain_timeout, ready_timeout_s=READY_TIMEOUT_S)
+        try:
+            _serve_local(Supervisor(server, options), key_file)
+        finally:
+            if key_file is not None:
+                key_file.unlink(missing_ok=True)
 
 
 def _serve_docker(command: list[str], *, dry_run: bool) -> None:
@@ -93,36 +134,51 @@ def _serve_docker(command: list[str], *, dry_run: bool) -> None:
     raise typer.Exit(subprocess.call(command))
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _new_admin_key() -> tuple[str, Path]:
+    """A random admin key, in a file only this user can read (the key itself is not printed)."""
+    key = secrets.token_urlsafe(24)
+    fd = os.open(Path.home() / f".gptpipe-admin-key-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, Path.home() / f".gptpipe-admin-key-{os.getpid()}"
 
 
-def _serve_local(server: TritonServer) -> None:
-    # SIGTERM (systemd, docker stop, kill) takes the same clean path as Ctrl-C.
+def _serve_local(supervisor: Supervisor, key_file: Path | None) -> None:
+    # SIGTERM (systemd, docker stop, kill) takes the same drain as Ctrl-C.
+    stop = threading.Event()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    previous = {}
+    if main_thread:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    server = supervisor.server
     try:
-        server.start()
-        seconds = server.wait_ready(READY_TIMEOUT_S)
-        _print_endpoints(server, seconds)
-        while server.is_running():
-            time.sleep(0.5)
-        typer.echo(f"Error: tritonserver exited on its own; last log lines:\n{server.log_tail()}", err=True)
-        raise typer.Exit(1)
+        seconds = supervisor.start()
+        _print_endpoints(server, seconds, key_file)
+        supervisor.run(stop)
+        typer.echo(f"Draining (up to {supervisor.options.drain_timeout_s:g} s) and stopping tritonserver ...")
+        code = supervisor.drain()
+        if code not in (0, None):
+            typer.echo(f"Error: tritonserver exited with code {code}; last log lines:\n{server.log_tail()}", err=True)
+            raise typer.Exit(1)
+    except SupervisorError as e:
+        typer.echo(f"Error: {e}; last log lines:\n{server.log_tail()}", err=True)
+        raise typer.Exit(1) from e
     except (TritonServerError, ValueError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from e
-    except KeyboardInterrupt:
-        typer.echo("Stopping tritonserver ...")
     finally:
         server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        supervisor.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     typer.echo("Stopped.")
 
 
-def _print_endpoints(server: TritonServer, seconds: float) -> None:
+def _print_endpoints(server: TritonServer, seconds: float, key_file: Path | None) -> None:
     typer.echo(f"Triton Inference Server ready in {seconds:.1f} s (log: {server.log_path})")
+    if key_file is not None:
+        typer.echo(f"  admin key (header gptpipe-admin-key, or GPTPIPE_ADMIN_KEY for gptpipe clients): {key_file}")
     typer.echo(f"  HTTP     http://{server.http_url}")
     typer.echo(f"  gRPC     {server.grpc_url}")
     typer.echo(f"  metrics  {server.metrics_url}")

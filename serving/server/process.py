@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from serving.server.children import new_shm_prefix, remove_shm_regions, stub_processes
-from serving.server.common import STARTUP_ARGS, TritonServerError, check_repository, has_nvidia_gpu, restricted_api_args
+from serving.server.common import (
+    ADMIN_KEY_HEADER,
+    STARTUP_ARGS,
+    TritonServerError,
+    check_repository,
+    has_nvidia_gpu,
+    restricted_api_args,
+)
 from serving.server.install import TritonInstall, find_tritonserver, prepare_backend_directory, server_env
 from serving.server.ports import check_port, check_ports_free, host_port
 
@@ -126,6 +133,11 @@ class TritonServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once the server has exited (negative: killed by that signal), else None."""
+        return self._exit_code if self._proc is not None and self._exited() else None
 
     @property
     def log_path(self) -> Path | None:
@@ -311,8 +323,9 @@ class TritonServer:
         import tritonclient.http as httpclient  # heavy (gevent); only when asked
 
         client = httpclient.InferenceServerClient(url=self.http_url)
+        headers = {ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else None
         try:
-            return list(client.get_model_repository_index())
+            return list(client.get_model_repository_index(headers=headers))
         finally:
             client.close()
 

@@ -10,6 +10,7 @@ generations step concurrently and the sequence batcher batches their steps.
 
 import json
 import logging
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,9 @@ MAX_WORKERS = 64
 # A START that `gpt` refuses as "server busy" (every KV slot taken) is retried this long, so
 # a burst of generate requests queues instead of failing.
 QUEUE_TIMEOUT_S = 30.0
+# A step (BLS call into `gpt`) that takes longer fails the generation and frees its worker: a dead
+# `gpt` stub never answers. GPTPIPE_STEP_TIMEOUT_S overrides it (tests use a short one).
+STEP_TIMEOUT_S = float(os.environ.get("GPTPIPE_STEP_TIMEOUT_S") or 30.0)
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -194,6 +198,7 @@ class _BlsStep:
             requested_output_names=[self.output],
             correlation_id=self.correlation_id,
             flags=flags,
+            timeout=int(STEP_TIMEOUT_S * 1e6),  # microseconds
         )
         deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
         while True:
@@ -206,7 +211,7 @@ class _BlsStep:
                 time.sleep(delay)  # wait for a slot: another sequence ends soon
                 delay = min(2 * delay, 0.2)
                 continue
-            if busy or message.startswith("prompt too long"):
+            if busy or message.startswith(("prompt too long", "server shutting down")):
                 raise _StepRefused(message)
             raise RuntimeError(message)
 
