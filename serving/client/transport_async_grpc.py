@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from serving.client.errors import _grpc_error, error_from_message
-from serving.client.keys import admin_headers
 from serving.client.server_mode import _event_from_outputs, _grpc_infer_inputs, _outputs_of
 from serving.client.step import (
     _async_grpc_step,
@@ -56,8 +55,7 @@ class _AsyncGrpcTransport:
 
         try:
             response = await self._ensure().ModelConfig(service_pb2.ModelConfigRequest(name=model),
-                                                        timeout=self.timeout,
-                                                        metadata=tuple(admin_headers().items()))
+                                                        timeout=self.timeout)
         except Exception as e:
             raise _grpc_error(e, self.url, self.timeout) from None
         return _grpc_step_model(response)

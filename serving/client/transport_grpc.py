@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Optional
 
 from serving.client.errors import _grpc_error, _tritonclient_error
-from serving.client.keys import admin_headers
 from serving.client.loop_thread import _LoopThread, _stream_loop
 from serving.client.step import _grpc_step, _grpc_step_model, _StepModel, _StepRequest, _threaded_step
 from serving.client.transport_async_grpc import _CHANNEL_OPTIONS, _AsyncGrpcTransport
@@ -48,8 +47,7 @@ class _GrpcTransport:
         from tritonclient.grpc import service_pb2
 
         try:
-            response = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.timeout,
-                                              metadata=tuple(admin_headers().items()))
+            response = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.timeout)
         except Exception as e:  # grpc.RpcError
             raise _grpc_error(e, self.url, self.timeout) from None
         return _grpc_step_model(response)

@@ -16,11 +16,15 @@ STARTUP_ARGS = (
 )
 
 
-# Header names Triton checks on restricted APIs (HTTP headers; gRPC metadata keys, lower case).
+# Header names Triton checks on restricted APIs: HTTP headers as they are; gRPC metadata keys get
+# Triton's prefix "triton-grpc-protocol-" (GRPC_KEY_PREFIX).
 ADMIN_KEY_HEADER = "gptpipe-admin-key"
 API_KEY_HEADER = "gptpipe-api-key"
-# Everything that reads or changes the server itself rather than running a model.
-ADMIN_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+GRPC_KEY_PREFIX = "triton-grpc-protocol-"
+# What reads or changes the server itself rather than running a model. Not model-config: like
+# metadata, it is what every client reads to call a model right (the gptpipe client reads `gpt`'s
+# transaction policy, perf_analyzer its batching), and it is read-only.
+ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 # What --api-key restricts: inference (and a stream's steps); health and metadata stay open, so
 # load balancers and probes keep working.
 API_KEY_APIS = ("inference",)

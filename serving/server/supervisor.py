@@ -45,6 +45,10 @@ _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no prox
 _ALIVE_REFUSALS = ("server busy", "server shutting down")
 
 
+# Triton's --exit-timeout-secs under the supervisor: after the drain nothing should be in flight.
+EXIT_TIMEOUT_S = 3
+
+
 class State(str, enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -68,7 +72,8 @@ class SupervisorOptions:
     backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     ready_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
-    stop_timeout_s: float = 20.0  # SIGTERM to exit after the drain (Triton's own exit timeout is 5 s)
+    # SIGTERM to exit after the drain; more than Triton's own exit timeout (EXIT_TIMEOUT_S)
+    stop_timeout_s: float = EXIT_TIMEOUT_S + 3.0
 
     def __post_init__(self) -> None:
         if self.restart not in ("on-failure", "never"):
@@ -244,9 +249,14 @@ class Supervisor:
                 return False
             time.sleep(0.1)
 
-    def drain(self) -> Optional[int]:
+    def drain(self) -> bool:
         """Refuse new sequences, let running ones finish (up to drain_timeout_s), end the rest,
-        then stop tritonserver with SIGTERM. Returns its exit code."""
+        then stop tritonserver with SIGTERM. True if it exited by itself.
+
+        A client that keeps a gRPC stream open (idle between the steps of a client-side
+        sequence) keeps Triton 2.51 from unloading `gpt` even after its sequence was ended; Triton
+        then gives up after its exit timeout and hangs, and is killed after ``stop_timeout_s``.
+        """
         if self.server.is_running():
             self._enter(State.DRAINING, f"drain up to {self.options.drain_timeout_s:g} s")
             write_drain_state(self.drain_file, DRAINING)
@@ -254,9 +264,14 @@ class Supervisor:
                 write_drain_state(self.drain_file, STOPPING)
                 self._wait_idle(5.0)
         code = self.server.stop(self.options.stop_timeout_s)
+        clean = code in (0, None)
+        if not clean:
+            logger.warning("supervisor: tritonserver did not exit cleanly (code %s): a client holding a gRPC "
+                           "stream open keeps `gpt` loaded; its sequences were ended and its shm regions removed",
+                           code)
         self._enter(State.STOPPED, f"tritonserver exit code {code}")
         self.close()
-        return code
+        return clean
 
     def close(self) -> None:
         """Remove the control folder (the server must be stopped)."""
