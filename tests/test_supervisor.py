@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from serving import Client
+from serving import Client, ServerBusyError
 from serving.server import STUB_NAME, TritonServer, free_ports
 from serving.server.children import shm_regions
 from tests.conftest import Served
@@ -285,3 +285,23 @@ def test_keys_are_checked() -> None:
         TritonServer("x", admin_key="short")
     with pytest.raises(ValueError, match="api_key"):
         TritonServer("x", api_key="a" * 20 + ":x")
+
+
+def test_busy_rejections_are_a_metric_not_a_warning_per_retry(repo) -> None:
+    from tests.conftest import metric
+
+    server = start_server(repo.repository)
+    try:
+        with Client(server.grpc_url) as holder, Client(server.grpc_url, queue_timeout=1.0) as late:
+            open_streams = [holder.generate(PROMPT, max_new_tokens=40, temperature=0, stream=True) for _ in range(8)]
+            for stream in open_streams:
+                next(stream)  # all 8 KV slots taken
+            before = metric(server, "gptpipe_busy_rejections_total")
+            lines = len(server.log_text().splitlines())
+            with pytest.raises(ServerBusyError):
+                late.generate(PROMPT, max_new_tokens=2, temperature=0)  # retried for 1 s
+            assert metric(server, "gptpipe_busy_rejections_total") - before >= 5
+            new = server.log_text().splitlines()[lines:]
+            assert not [line for line in new if "conflict" in line], new[:3]
+    finally:
+        server.stop()

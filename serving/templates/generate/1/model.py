@@ -185,6 +185,15 @@ class _BlsStep:
             raise RuntimeError(f"{tensors.GPT_MODEL} answered no response")
         return answer
 
+    def _end_refused(self, ids):
+        """END the sequence `gpt` refused as busy (Triton's batcher took its START): a retry under
+        the same id would otherwise log a "sequence conflict" warning each time."""
+        request = pb_utils.InferenceRequest(
+            model_name=tensors.GPT_MODEL, inputs=[pb_utils.Tensor(tensors.INPUT_IDS, ids[:, -1:])],
+            requested_output_names=[self.output], correlation_id=self.correlation_id,
+            flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END, timeout=int(STEP_TIMEOUT_S * 1e6))
+        self._exec(request)  # `gpt` answers "not active": expected
+
     def __call__(self, tokens, *, start, end):
         flags = 0
         if start:
@@ -207,6 +216,8 @@ class _BlsStep:
                 return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()[0]  # (V,) or (1,)
             message = response.error().message()
             busy = message.startswith("server busy")
+            if busy and start:
+                self._end_refused(ids)
             if busy and start and time.monotonic() + delay < deadline:
                 time.sleep(delay)  # wait for a slot: another sequence ends soon
                 delay = min(2 * delay, 0.2)
