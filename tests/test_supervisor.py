@@ -305,3 +305,35 @@ def test_busy_rejections_are_a_metric_not_a_warning_per_retry(repo) -> None:
             assert not [line for line in new if "conflict" in line], new[:3]
     finally:
         server.stop()
+
+
+def test_generations_in_flight_fail_fast_when_the_gpt_stub_dies(repo) -> None:
+    """Without a bound on generate's BLS steps, a step the dead stub had taken never comes back and
+    its generation hangs until the client gives up (3 of 4 did, 40 s)."""
+    server = start_server(repo.repository, env={"GPTPIPE_STEP_TIMEOUT_S": "2"})
+    results: list[tuple[float, int | str]] = []
+
+    def generate() -> None:
+        started = time.monotonic()
+        try:
+            status, _ = post(server.ports["http"], "/v2/models/generate/generate",
+                             {"text_input": PROMPT, "max_tokens": 120, "temperature": 0}, timeout=15)
+        except (urllib.error.URLError, OSError) as e:
+            status = repr(e)
+        results.append((time.monotonic() - started, status))
+
+    try:
+        assert greedy_ids(server.ports["http"]) == repo.reference(PROMPT, 8)
+        threads = [threading.Thread(target=generate) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        os.kill(server.stubs()["gpt_0"], signal.SIGKILL)
+        for thread in threads:
+            thread.join(30)
+        assert len(results) == 4
+        assert all(seconds < 10 for seconds, _ in results), results
+        assert any(status != 200 for _, status in results), results
+    finally:
+        server.kill()
+        server.stop()

@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ QUEUE_TIMEOUT_S = 30.0
 # A step (BLS call into `gpt`) that takes longer fails the generation and frees its worker: a dead
 # `gpt` stub never answers. GPTPIPE_STEP_TIMEOUT_S overrides it (tests use a short one).
 STEP_TIMEOUT_S = float(os.environ.get("GPTPIPE_STEP_TIMEOUT_S") or 30.0)
+# Triton's request timeout only covers a step still queued; one a dead stub had taken never comes
+# back, so each BLS call runs here and the worker waits for it at most STEP_TIMEOUT_S.
+_BLS_CALLS = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="generate-bls")
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -175,6 +179,12 @@ class _BlsStep:
         self.decoupled = decoupled  # `gpt` batches in flight: its one answer comes as a stream
 
     def _exec(self, request):
+        try:
+            return _BLS_CALLS.submit(self._exec_now, request).result(timeout=STEP_TIMEOUT_S)
+        except FutureTimeout:
+            raise RuntimeError(f"{tensors.GPT_MODEL} answered no step within {STEP_TIMEOUT_S:g} s") from None
+
+    def _exec_now(self, request):
         if not self.decoupled:
             return request.exec()
         answer = None
