@@ -63,6 +63,14 @@ def test_dockerfile_builds_from_the_pinned_image_and_copies_what_exists() -> Non
     assert cmd == ["tritonserver", f"--model-repository={CONTAINER_REPOSITORY}", *STARTUP_ARGS]
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.tensorrt"])
+def test_dockerfile_runs_as_the_non_root_user_the_k8s_manifests_expect(dockerfile: str) -> None:
+    text = (DOCKER_DIR / dockerfile).read_text().replace("\\\n", " ")
+    users = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users == ["1000:1000"]  # deploy/k8s: runAsUser/runAsGroup 1000, runAsNonRoot
+    assert text.index("USER ") > text.index("pip install")  # installs run as root, the server does not
+
+
 def test_docker_requirements_follow_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pinned = {}
