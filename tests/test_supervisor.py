@@ -174,6 +174,7 @@ def test_dead_gpt_stub_is_noticed_and_the_server_restarted(repo, serve_process) 
     stub.kill()  # Triton 2.51 neither restarts it nor stops saying ready
     assert wait_until(lambda: serve.ready() and serve.tritonserver().pid != first, 60), serve.text()
     assert greedy_ids(serve.http) == reference
+    assert "[restarting] python-backend stub(s) ['gpt_0'] died" in serve.text()
     with Client(f"127.0.0.1:{serve.grpc}") as client:  # client-side loop over a gRPC stream
         assert client.generate(PROMPT, max_new_tokens=8, temperature=0).token_ids == reference
     assert not region.exists(), "the killed server's shm regions are removed"
@@ -204,6 +205,7 @@ def test_sigterm_drains_open_sequences_and_exits_cleanly(repo, serve_process) ->
     assert rc == 0, output
     assert elapsed <= DRAIN_S + 5, (elapsed, output)
     assert "Stopped." in output
+    assert "[draining] drain up to 3 s" in output and "[stopped]" in output
     assert serve.shm() == []
     with pytest.raises(Exception):  # the idle sequence's next step fails, and says so
         list(idle)
@@ -239,8 +241,8 @@ def test_admin_apis_need_the_admin_key(tmp_path) -> None:
         port = server.ports["http"]
         body = {"log_verbose_level": 1}
         assert post(port, "/v2/logging", body)[0] == 403
-        assert post(port, "/v2/logging", body, {"gptpipe-admin-key": "wrong" * 4})[0] == 403
-        assert post(port, "/v2/logging", body, {"gptpipe-admin-key": key})[0] == 200
+        assert post(port, "/v2/logging", body, {"admin-key": "wrong" * 4})[0] == 403
+        assert post(port, "/v2/logging", body, {"admin-key": key})[0] == 200
         assert post(port, "/v2/repository/index", {})[0] == 403
         for path in ("/v2/models/stats", "/v2/models/echo/stats"):
             req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
@@ -260,7 +262,7 @@ def test_admin_apis_need_the_admin_key(tmp_path) -> None:
         try:
             with pytest.raises(InferenceServerException, match="restricted"):
                 grpc.update_log_settings({"log_verbose_level": 1})
-            grpc.update_log_settings({"log_verbose_level": 0}, headers={"triton-grpc-protocol-gptpipe-admin-key": key})
+            grpc.update_log_settings({"log_verbose_level": 0}, headers={"triton-grpc-protocol-admin-key": key})
             assert grpc.get_model_config("echo").config.name == "echo"
         finally:
             grpc.close()
@@ -275,7 +277,7 @@ def test_api_key_restricts_inference(tmp_path) -> None:
         body = {"inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
         port = server.ports["http"]
         assert post(port, "/v2/models/echo/infer", body)[0] == 403
-        assert post(port, "/v2/models/echo/infer", body, {"gptpipe-api-key": key})[0] == 200
+        assert post(port, "/v2/models/echo/infer", body, {"api-key": key})[0] == 200
     finally:
         server.stop()
 
@@ -336,4 +338,21 @@ def test_generations_in_flight_fail_fast_when_the_gpt_stub_dies(repo) -> None:
         assert any(status != 200 for _, status in results), results
     finally:
         server.kill()
+        server.stop()
+
+
+def test_the_client_passes_the_admin_key_when_the_model_config_is_restricted(repo, monkeypatch) -> None:
+    """As deploy/k8s runs Triton: model-config restricted too; the client reads GPTPIPE_ADMIN_KEY."""
+    key = "c" * 24
+    restricted = f"model-config:admin-key={key}"
+    server = start_server(repo.repository, extra_args=(f"--http-restricted-api={restricted}",
+                                                       f"--grpc-restricted-protocol={restricted}"))
+    try:
+        monkeypatch.delenv("GPTPIPE_ADMIN_KEY", raising=False)
+        with Client(server.grpc_url) as client, pytest.raises(Exception, match="restricted"):
+            client.generate(PROMPT, max_new_tokens=4, temperature=0)
+        monkeypatch.setenv("GPTPIPE_ADMIN_KEY", key)
+        with Client(server.grpc_url) as client:
+            assert client.generate(PROMPT, max_new_tokens=8, temperature=0).token_ids == repo.reference(PROMPT, 8)
+    finally:
         server.stop()

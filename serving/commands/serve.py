@@ -56,12 +56,12 @@ DrainTimeoutOption = Annotated[
 AdminKeyOption = Annotated[
     str | None, typer.Option("--admin-key", envvar="GPTPIPE_ADMIN_KEY", show_envvar=True,
                              help="Key for Triton's admin APIs (repository, config, shared memory, statistics, "
-                             "trace, logging): header gptpipe-admin-key. Default: a new random key, written to "
+                             "trace, logging): header admin-key. Default: a new random key, written to "
                              "a 0600 file whose path is printed.")
 ]
 ApiKeyOption = Annotated[
     str | None, typer.Option("--api-key", envvar="GPTPIPE_API_KEY", show_envvar=True,
-                             help="Require this key (header gptpipe-api-key) for inference too. Default: none.")
+                             help="Require this key (header api-key) for inference too. Default: none.")
 ]
 
 # A large repository (GPT-2 sessions, TensorRT engines) takes a while to load.
@@ -118,7 +118,8 @@ def serve(
             raise typer.BadParameter(str(e), param_hint="--admin-key/--api-key") from e
         options = SupervisorOptions(restart=restart, drain_timeout_s=drain_timeout, ready_timeout_s=READY_TIMEOUT_S)
         try:
-            _serve_local(Supervisor(server, options), key_file)
+            supervisor = Supervisor(server, options, on_state=lambda state, why: typer.echo(f"[{state.value}] {why}"))
+            _serve_local(supervisor, key_file)
         finally:
             if key_file is not None:
                 key_file.unlink(missing_ok=True)
@@ -178,7 +179,7 @@ def _serve_local(supervisor: Supervisor, key_file: Path | None) -> None:
 def _print_endpoints(server: TritonServer, seconds: float, key_file: Path | None) -> None:
     typer.echo(f"Triton Inference Server ready in {seconds:.1f} s (log: {server.log_path})")
     if key_file is not None:
-        typer.echo(f"  admin key (header gptpipe-admin-key, or GPTPIPE_ADMIN_KEY for gptpipe clients): {key_file}")
+        typer.echo(f"  admin key (header admin-key, or GPTPIPE_ADMIN_KEY for gptpipe clients): {key_file}")
     typer.echo(f"  HTTP     http://{server.http_url}")
     typer.echo(f"  gRPC     {server.grpc_url}")
     typer.echo(f"  metrics  {server.metrics_url}")

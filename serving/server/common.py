@@ -18,8 +18,8 @@ STARTUP_ARGS = (
 
 # Header names Triton checks on restricted APIs: HTTP headers as they are; gRPC metadata keys get
 # Triton's prefix "triton-grpc-protocol-" (GRPC_KEY_PREFIX).
-ADMIN_KEY_HEADER = "gptpipe-admin-key"
-API_KEY_HEADER = "gptpipe-api-key"
+ADMIN_KEY_HEADER = "admin-key"  # the same header as deploy/k8s
+API_KEY_HEADER = "api-key"
 GRPC_KEY_PREFIX = "triton-grpc-protocol-"
 # What reads or changes the server itself rather than running a model. Not model-config: like
 # metadata, it is what every client reads to call a model right (the gptpipe client reads `gpt`'s

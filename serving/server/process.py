@@ -70,7 +70,7 @@ class TritonServer:
     (``shm_prefix``); :meth:`stop` and :meth:`kill` remove them once the server is gone, also
     after a crash. With ``admin_key``, Triton's admin APIs (repository, model config, shared
     memory, statistics, trace, logging) answer only requests with the header
-    ``gptpipe-admin-key: <key>``; with ``api_key``, inference too (header ``gptpipe-api-key``).
+    ``admin-key: <key>``; with ``api_key``, inference too (header ``api-key``).
     """
 
     def __init__(

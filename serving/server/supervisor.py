@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from serving.engine.drain import DRAIN_FILE_ENV, DRAINING, STOPPING, write_drain_state
 from serving.server.common import API_KEY_HEADER, TritonServerError, check_repository
@@ -88,8 +88,10 @@ class SupervisorOptions:
 class Supervisor:
     """Starts ``server``, watches it, restarts it on failure and drains it on :meth:`drain`."""
 
-    def __init__(self, server: TritonServer, options: SupervisorOptions = SupervisorOptions()) -> None:
-        self.server, self.options = server, options
+    def __init__(self, server: TritonServer, options: SupervisorOptions = SupervisorOptions(), *,
+                 on_state: Optional[Callable[[State, str], None]] = None) -> None:
+        """``on_state(state, reason)`` is called on every transition (the CLI prints them)."""
+        self.server, self.options, self.on_state = server, options, on_state
         self.models = check_repository(server.repository)
         self._control = Path(tempfile.mkdtemp(prefix="gptpipe-serve-"))
         self.drain_file = self._control / "drain"
@@ -108,6 +110,8 @@ class Supervisor:
             previous, self.state = self.state, state
             self.transitions.append((time.monotonic(), state, reason))
         logger.info("supervisor: %s -> %s (%s)", previous.value, state.value, reason)
+        if self.on_state is not None:
+            self.on_state(state, reason)
 
     def start(self) -> float:
         """Start tritonserver and wait until it is ready; the seconds it took."""
