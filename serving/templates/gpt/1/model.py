@@ -99,10 +99,11 @@ class TritonPythonModel:
             for sid in open_ids - self._ended:
                 if state == STOPPING or now - self._last_step.get(sid, now) > DRAIN_IDLE_S:
                     self._ended.add(sid)
+                    logger.info("gpt: ending sequence %d (%s, idle %.2f s)", sid, state,
+                                now - self._last_step.get(sid, now))
                     self._end_sequence(sid)
 
     def _end_sequence(self, sid):
-        logger.info("gpt: ending sequence %d (server shutting down)", sid)
         request = pb_utils.InferenceRequest(
             model_name=self._name, inputs=[pb_utils.Tensor(tensors.INPUT_IDS, np.zeros((1, 1), dtype=np.int64))],
             requested_output_names=[tensors.OUTPUT_IDS], correlation_id=sid,
