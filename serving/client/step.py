@@ -320,6 +320,15 @@ class _Backoff:
         return delay
 
 
+def _end_refused(step, tokens):
+    """END the sequence whose START was refused as busy: Triton's sequence batcher took the START,
+    and a retry under the same id without END logs a "sequence conflict" warning per retry."""
+    try:
+        return step(tokens[-1:], start=False, end=True)
+    except GptpipeError:  # `gpt` answers that the sequence is not active: expected
+        return None
+
+
 def _with_busy_retry(step, queue_timeout: float):
     """START retried while the server is busy, up to queue_timeout seconds."""
     if queue_timeout <= 0:
@@ -333,6 +342,7 @@ def _with_busy_retry(step, queue_timeout: float):
             try:
                 return step(tokens, start=start, end=end)
             except ServerBusyError:
+                _end_refused(step, tokens)
                 delay = backoff.next()
                 if delay is None:
                     raise
@@ -354,6 +364,10 @@ def _async_with_busy_retry(step, queue_timeout: float):
             try:
                 return await step(tokens, start=start, end=end)
             except ServerBusyError:
+                try:
+                    await step(tokens[-1:], start=False, end=True)  # as _end_refused
+                except GptpipeError:
+                    pass
                 delay = backoff.next()
                 if delay is None:
                     raise

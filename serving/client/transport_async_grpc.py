@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from serving.client.errors import _grpc_error, error_from_message
+from serving.client.keys import admin_metadata
 from serving.client.server_mode import _cut_short, _event_from_outputs, _grpc_infer_inputs, _outputs_of
 from serving.client.step import (
     _async_grpc_step,
@@ -55,7 +56,8 @@ class _AsyncGrpcTransport:
 
         try:
             response = await self._ensure().ModelConfig(service_pb2.ModelConfigRequest(name=model),
-                                                        timeout=self.timeout)
+                                                        timeout=self.timeout,
+                                                        metadata=admin_metadata())
         except Exception as e:
             raise _grpc_error(e, self.url, self.timeout) from None
         return _grpc_step_model(response)

@@ -12,9 +12,11 @@ generations step concurrently and the sequence batcher batches their steps.
 
 import json
 import logging
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,12 @@ MAX_WORKERS = 64
 # A START that `gpt` refuses as "server busy" (every KV slot taken) is retried this long, so
 # a burst of generate requests queues instead of failing.
 QUEUE_TIMEOUT_S = 30.0
+# A step (BLS call into `gpt`) that takes longer fails the generation and frees its worker: a dead
+# `gpt` stub never answers. GPTPIPE_STEP_TIMEOUT_S overrides it (tests use a short one).
+STEP_TIMEOUT_S = float(os.environ.get("GPTPIPE_STEP_TIMEOUT_S") or 30.0)
+# Triton's request timeout only covers a step still queued; one a dead stub had taken never comes
+# back, so each BLS call runs here and the worker waits for it at most STEP_TIMEOUT_S.
+_BLS_CALLS = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="generate-bls")
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _INPUT_NAMES = frozenset(spec.name for spec in tensors.GENERATE_INPUTS)
 
@@ -219,6 +227,12 @@ class _BlsStep:
         self.decoupled = decoupled  # `gpt` batches in flight: its one answer comes as a stream
 
     def _exec(self, request):
+        try:
+            return _BLS_CALLS.submit(self._exec_now, request).result(timeout=STEP_TIMEOUT_S)
+        except FutureTimeout:
+            raise RuntimeError(f"{tensors.GPT_MODEL} answered no step within {STEP_TIMEOUT_S:g} s") from None
+
+    def _exec_now(self, request):
         if not self.decoupled:
             return request.exec()
         answer = None
@@ -228,6 +242,15 @@ class _BlsStep:
         if answer is None:
             raise RuntimeError(f"{tensors.GPT_MODEL} answered no response")
         return answer
+
+    def _end_refused(self, ids):
+        """END the sequence `gpt` refused as busy (Triton's batcher took its START): a retry under
+        the same id would otherwise log a "sequence conflict" warning each time."""
+        request = pb_utils.InferenceRequest(
+            model_name=tensors.GPT_MODEL, inputs=[pb_utils.Tensor(tensors.INPUT_IDS, ids[:, -1:])],
+            requested_output_names=[self.output], correlation_id=self.correlation_id,
+            flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END, timeout=int(STEP_TIMEOUT_S * 1e6))
+        self._exec(request)  # `gpt` answers "not active": expected
 
     def __call__(self, tokens, *, start, end):
         flags = 0
@@ -242,6 +265,7 @@ class _BlsStep:
             requested_output_names=[self.output],
             correlation_id=self.correlation_id,
             flags=flags,
+            timeout=int(STEP_TIMEOUT_S * 1e6),  # microseconds
         )
         deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
         while True:
@@ -250,11 +274,13 @@ class _BlsStep:
                 return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()[0]  # (V,) or (1,)
             message = response.error().message()
             busy = message.startswith("server busy")
+            if busy and start:
+                self._end_refused(ids)
             if busy and start and time.monotonic() + delay < deadline:
                 time.sleep(delay)  # wait for a slot: another sequence ends soon
                 delay = min(2 * delay, 0.2)
                 continue
-            if busy or message.startswith("prompt too long"):
+            if busy or message.startswith(("prompt too long", "server shutting down")):
                 raise _StepRefused(message)
             raise RuntimeError(message)
 
