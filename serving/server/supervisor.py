@@ -99,7 +99,7 @@ class Supervisor:
         self.state = State.STOPPED
         self.transitions: list[tuple[float, State, str]] = []
         self.restarts: list[float] = []  # monotonic times of restarts
-        self._stubs: set[str] = set()
+        self._stubs: dict[str, int] = {}  # stub name -> pid, as found once the server was ready
         self._failures = 0
         self._lock = threading.Lock()
 
@@ -124,7 +124,7 @@ class Supervisor:
             self.server.kill()
             self._enter(State.STOPPED, "start failed")
             raise
-        self._stubs = set(self.server.stubs())
+        self._stubs = dict(self.server.stubs())
         self._failures = 0
         self._enter(State.READY, f"ready in {seconds:.1f} s, stubs {sorted(self._stubs)}")
         return seconds
@@ -136,7 +136,8 @@ class Supervisor:
         probe after ``probe_failures`` in a row."""
         if not self.server.is_running():
             return f"tritonserver exited (code {self.server.exit_code})"
-        missing = self._stubs - set(self.server.stubs())
+        # the pids found at start, not a fresh listing: a listing can miss a live stub for a moment
+        missing = [name for name, pid in self._stubs.items() if not _alive(pid)]
         if missing:
             return f"python-backend stub(s) {sorted(missing)} died"
         problem = self.probe()
@@ -207,6 +208,7 @@ class Supervisor:
         """Kill the server, back off, start it again; bounded retries (SupervisorError when spent)."""
         stop = stop or threading.Event()
         self._enter(State.RESTARTING, reason)
+        logger.warning("supervisor: tritonserver's last log lines before the restart:\n%s", self.server.log_tail(30))
         self.server.kill()
         attempt = 0
         while not stop.is_set():
@@ -285,3 +287,13 @@ class Supervisor:
             self._control.rmdir()
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
