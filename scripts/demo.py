@@ -1,5 +1,6 @@
 """The main job, end to end: export the demo model, start the real local Triton server,
-generate text through it (client-side loop, streamed; then the server-side `generate` model),
+generate text through it (client-side loop, streamed; then the server-side `generate` model;
+then one chat completion from the `openai` package through the OpenAI-compatible frontend),
 and stop the server. `make demo` runs this.
 
     .venv/bin/python scripts/demo.py [--precision fp32|fp16|int8] [--prompt TEXT]
@@ -53,8 +54,29 @@ def main() -> int:
             itl = sorted(t.itl_s)[len(t.itl_s) // 2] if t.itl_s else float("nan")
             print(f"\n{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
                   f"time to first token {t.ttft_s * 1e3:.1f} ms, median inter-token {itl * 1e3:.2f} ms")
+        openai_chat(server, args.repository, args.max_new_tokens)
     print("server stopped.")
     return 0
+
+
+def openai_chat(server: TritonServer, repository: Path, max_tokens: int) -> None:
+    """One chat completion with the official `openai` package, through the frontend."""
+    import openai
+
+    from serving.openai.app import FrontendConfig
+    from serving.openai.background import BackgroundFrontend, served_model_name
+
+    (port,) = free_ports(1)
+    config = FrontendConfig(url=server.grpc_url, served_model_name=served_model_name(repository), repository=repository)
+    with BackgroundFrontend(config, port=port) as frontend:
+        messages = [{"role": "user", "content": "Write a for loop."}]
+        print(f"\n[OpenAI frontend {frontend.url}, chat.completions.create, greedy]\n{messages[0]['content']}")
+        with openai.OpenAI(base_url=frontend.url, api_key="none") as client:
+            out = client.chat.completions.create(model=config.served_model_name, messages=messages,
+                                                 max_tokens=max_tokens, temperature=0)
+        print(f"assistant: {out.choices[0].message.content}")
+        print(f"finish_reason={out.choices[0].finish_reason}, usage: {out.usage.prompt_tokens} prompt + "
+              f"{out.usage.completion_tokens} completion tokens")
 
 
 if __name__ == "__main__":

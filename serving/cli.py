@@ -12,6 +12,7 @@ import typer
 from export.tensorrt.command import build_engine_command  # onnx + (optional) tensorrt; no torch
 from serving.commands.bench import bench
 from serving.commands.generate import generate
+from serving.commands.openai import openai
 from serving.commands.repo import repo_app
 from serving.commands.serve import serve
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("serve")(serve)
 app.command("generate")(generate)
 app.command("bench")(bench)
+app.command("openai")(openai)
 app.command("build-engine")(build_engine_command)
 app.add_typer(repo_app, name="repo")
 

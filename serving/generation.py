@@ -124,11 +124,13 @@ def check_stop(stop: str | Iterable[str] | None, *, field_name: str = "stop") ->
 def make_sampling_params(
     *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     repetition_penalty: float = 1.0, seed: Optional[int] = None,
+    presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
 ) -> SamplingParams:
     """SamplingParams, with its ValueError turned into InvalidParameterError."""
     try:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, seed=seed,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     except ValueError as e:
         raise InvalidParameterError(str(e)) from None
 
@@ -255,10 +257,10 @@ class Generation:
     @property
     def argmax_only(self) -> bool:
         """True when the next token is the argmax of the logits and nothing else of them is used
-        (greedy, no repetition penalty, no log-probs). A step may then answer the token id alone
+        (greedy, no penalty, no log-probs). A step may then answer the token id alone
         (the `gpt` model's output_ids, 8 bytes) instead of vocab_size floats of logits."""
         p = self.sampler.params
-        return p.greedy and p.repetition_penalty == 1.0 and not self.return_logprobs
+        return p.greedy and not p.penalised and not self.return_logprobs
 
     @property
     def last_token(self) -> int:
@@ -285,7 +287,7 @@ class Generation:
         if output.dtype.kind in "iu":
             token, logprob = self._server_token(output), None
         else:
-            token, logprob = self.sampler.sample(output.reshape(-1), self._history[: n_prompt + n],
+            token, logprob = self.sampler.sample(output.reshape(-1), self._history[: n_prompt + n], n_prompt=n_prompt,
                                                  logprob=self.return_logprobs)
         self.generated.append(token)
         self._history[n_prompt + n] = token

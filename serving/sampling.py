@@ -1,10 +1,11 @@
-"""Token sampling: greedy, temperature, top-k, top-p, repetition penalty; seeded.
+"""Token sampling: greedy, temperature, top-k, top-p, repetition/presence/frequency penalties; seeded.
 
 numpy only, so the same code runs in the client and inside Triton python-backend
 models, and a client-side and a server-side loop with the same seed pick the same
 tokens. Generation is a chain of small pure steps (gpt-fast style)::
 
-    logits ─ apply_repetition_penalty ─ logits_to_probs ─ inverse-CDF draw ─ token
+    logits ─ apply_repetition_penalty ─ apply_presence_frequency_penalties ─ logits_to_probs
+           ─ inverse-CDF draw ─ token
 
 Determinism contract (what keeps two samplers with the same seed in lockstep):
 
@@ -25,8 +26,8 @@ No full-vocabulary sort and no per-token (V,) allocations in ``Sampler`` (see
 The modules, in the order a token flows through them:
 
 * ``serving.sampling_params``: ``SamplingParams`` and the checks on every input;
-* ``serving.sampling_penalties``: logits processors on the raw logits (repetition
-  penalty; new penalties go there and into ``Sampler.sample``);
+* ``serving.sampling_penalties``: logits processors on the raw logits (repetition,
+  presence and frequency penalties; new penalties go there and into ``Sampler.sample``);
 * ``serving.sampling_filters``: temperature, top-k, top-p and the inverse-CDF draw;
 * this module: ``Sampler`` (one seeded sequence) and ``greedy_token``.
 """
@@ -48,7 +49,12 @@ from serving.sampling_filters import (
     work_array,
 )
 from serving.sampling_params import SamplingParams, check_logits, check_previous_ids, max_or_raise
-from serving.sampling_penalties import apply_repetition_penalty, penalise
+from serving.sampling_penalties import (
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    penalise,
+    penalise_additive,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ __all__ = [
     "Sampler",
     "greedy_token",
     "apply_repetition_penalty",
+    "apply_presence_frequency_penalties",
     "logits_to_probs",
 ]
 
@@ -96,9 +103,11 @@ class Sampler:
         self._ws = Scratch()
 
     def sample(
-        self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = (), *, logprob: bool = True
+        self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = (), *, logprob: bool = True,
+        n_prompt: int = 0,
     ) -> tuple[int, float]:
-        """Next token from logits (V,); previous_ids = prompt + generated ids so far.
+        """Next token from logits (V,); previous_ids = prompt + generated ids so far, of which
+        the first ``n_prompt`` are the prompt (presence/frequency penalties skip those).
 
         logprob=False skips the token's log-probability (NaN instead): a full pass over the
         vocabulary per token that a caller who does not report it need not pay (0.5 ms at 50257).
@@ -108,11 +117,13 @@ class Sampler:
         raw = work_array(ws, "raw", n)  # (V,) float64 copy of the model's logits
         np.copyto(raw, logits)
         m = max_or_raise(raw)
-        penalised = params.repetition_penalty != 1.0
+        penalised = params.penalised
         if penalised:
             x = work_array(ws, "penalised", n)
             np.copyto(x, raw)
-            penalise(x, check_previous_ids(previous_ids, n), params.repetition_penalty)
+            history = check_previous_ids(previous_ids, n)
+            penalise(x, history, params.repetition_penalty)
+            penalise_additive(x, history[n_prompt:], params.presence_penalty, params.frequency_penalty)
         else:
             x = raw
         total_raw = None  # sum(exp(raw - m)), when a step below computes it anyway

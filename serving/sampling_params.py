@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 _SEED_LIMIT = 2**63
+# OpenAI's range for presence_penalty and frequency_penalty
+_ADDITIVE_PENALTY_LIMIT = 2.0
 
 
 def _is_real(value: object) -> bool:
@@ -40,6 +42,13 @@ def check_penalty(penalty: float) -> float:
     return penalty
 
 
+def check_additive_penalty(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not -_ADDITIVE_PENALTY_LIMIT <= value <= _ADDITIVE_PENALTY_LIMIT:
+        raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token. Defaults: plain sampling from the model distribution.
@@ -49,6 +58,8 @@ class SamplingParams:
     top_p: nucleus sampling; keep the smallest set with cumulative prob >= top_p (1 = off).
     repetition_penalty: CTRL/HF penalty on every id seen in prompt + output (1 = off).
     seed: PCG64 seed in [0, 2**63); None draws a fresh one (see ``Sampler.seed``).
+    presence_penalty, frequency_penalty: OpenAI's additive penalties in [-2, 2] (0 = off) on
+    the ids generated so far (not the prompt): logit -= presence * [count > 0] + frequency * count.
     """
 
     temperature: float = 1.0
@@ -56,12 +67,15 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
         # store plain Python numbers (numpy scalars pass validation, but not json.dumps)
         for name, kind in (("temperature", float), ("top_k", int), ("top_p", float),
-                           ("repetition_penalty", float)):
+                           ("repetition_penalty", float), ("presence_penalty", float),
+                           ("frequency_penalty", float)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
@@ -79,6 +93,8 @@ class SamplingParams:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         check_penalty(self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            check_additive_penalty(name, getattr(self, name))
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise ValueError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
@@ -88,6 +104,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """True when a penalty changes the logits (the token depends on the history)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def check_logits(logits: np.ndarray, name: str = "logits") -> np.ndarray:

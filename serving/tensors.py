@@ -163,12 +163,21 @@ GENERATE_INPUTS = [
     TensorSpec("end_id", "int32", (1,), optional=True, doc="end-of-sequence token id; -1 = none"),
     TensorSpec("stream", "bool", (1,), optional=True, doc="one response per token"),
     TensorSpec("return_log_probs", "bool", (1,), optional=True, doc="add output_log_probs"),
+    # OpenAI's additive penalties, and the rest of what Triton's own OpenAI frontend sends a
+    # TensorRT-LLM-style model, so either frontend can drive `generate`
+    TensorSpec("presence_penalty", "float32", (1,), optional=True, doc="in [-2, 2]; 0 = off"),
+    TensorSpec("frequency_penalty", "float32", (1,), optional=True, doc="in [-2, 2]; 0 = off"),
+    TensorSpec("seed", "uint64", (1,), optional=True, doc="seed of the sampler (random_seed's other name)"),
+    TensorSpec("exclude_input_in_output", "bool", (1,), optional=True,
+               doc="false: text_output starts with the prompt (default true)"),
 ]
 GENERATE_OUTPUTS = [
     TensorSpec("text_output", "bytes", (1,), doc="the text (streaming: this response's delta)"),
     TensorSpec("output_ids", "int64", (-1,), doc="the new token ids (streaming: this response's)"),
     TensorSpec("finish_reason", "bytes", (1,), doc='"length" | "stop" | "eos" | "" while streaming'),
     TensorSpec("output_log_probs", "float32", (-1,), doc="log-probs of output_ids, when asked"),
+    TensorSpec("num_input_tokens", "int32", (1,), doc="prompt tokens"),
+    TensorSpec("num_output_tokens", "int32", (1,), doc="tokens generated so far"),
 ]
 
 # `tokenizer`: what a remote client needs besides a URL.

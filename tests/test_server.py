@@ -243,10 +243,11 @@ def test_serve_docker_dry_run_prints_the_command(echo_repo: Path) -> None:
 
 
 def test_serve_locally_until_sigterm(echo_repo: Path) -> None:
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, openai_port = free_ports(4)
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE_APP, "serve", "--repository", str(echo_repo),
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--openai-port", str(openai_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str] = queue.Queue()

@@ -9,7 +9,15 @@ from typing import Optional, Union
 
 from serving import tensors
 from serving.client.base import _TOKENIZER_FILES, _ClientBase
-from serving.client.request import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_TIMEOUT_S, Mode, Protocol_, _Request, _validate
+from serving.client.request import (
+    DEFAULT_QUEUE_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    Mode,
+    Protocol_,
+    _check_ids,
+    _Request,
+    _validate,
+)
 from serving.client.server_mode import _generate_inputs
 from serving.client.step import _async_with_busy_retry
 from serving.client.streams import AsyncTextStreamIterator
@@ -55,13 +63,35 @@ class AsyncClient(_ClientBase):
     def generate(self, prompt: Union[str, list[str]], *, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  stop: Union[str, Sequence[str]] = (), seed: Optional[int] = None, stream: bool = False,
-                 mode: Mode = "client", return_logprobs: bool = False):
+                 mode: Mode = "client", return_logprobs: bool = False, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0):
         request = _validate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-                            stream=stream, mode=mode, return_logprobs=return_logprobs)
+                            stream=stream, mode=mode, return_logprobs=return_logprobs,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         if request.stream:
             return AsyncTextStreamIterator(self._stream_events(request), return_logprobs=request.return_logprobs)
         return self._generate(request)
+
+    async def events(self, prompt: Union[str, Sequence[int]], *, max_new_tokens: int = 64,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     repetition_penalty: float = 1.0, stop: Union[str, Sequence[str]] = (),
+                     seed: Optional[int] = None, mode: Mode = "client", return_logprobs: bool = False,
+                     ignore_eos: bool = False, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0) -> AsyncIterator[TokenEvent]:
+        """:meth:`Client.events` for asyncio: the TokenEvents of one generation (a text prompt
+        or token ids). Arguments, the prompt's length included, are checked before it returns;
+        ``aclose()`` the iterator to stop early (the sequence's END is sent)."""
+        prompt_ids = None if isinstance(prompt, str) else _check_ids(prompt)
+        request = _validate(prompt if prompt_ids is None else "<ids>", max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=stop, seed=seed, stream=True, mode=mode,
+                            return_logprobs=return_logprobs, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty)
+        await self.setup()
+        generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)[0]
+        await self._check_step_model(request)
+        return self._events(generation, request)
 
     async def _check_step_model(self, request: _Request) -> None:
         if request.mode == "client" and self._step_model is None:

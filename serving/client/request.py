@@ -87,7 +87,7 @@ class _Request:
 
 def _validate(prompt: Any, *, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
               repetition_penalty: Any, stop: Any, seed: Any, stream: Any, mode: Any,
-              return_logprobs: Any) -> _Request:
+              return_logprobs: Any, presence_penalty: Any = 0.0, frequency_penalty: Any = 0.0) -> _Request:
     """Every check that needs no server: runs before any network call."""
     single = isinstance(prompt, str)
     prompts = (prompt,) if single else tuple(prompt) if isinstance(prompt, (list, tuple)) else None
@@ -110,7 +110,8 @@ def _validate(prompt: Any, *, max_new_tokens: Any, temperature: Any, top_k: Any,
         single=single,
         max_new_tokens=check_max_new_tokens(max_new_tokens),
         params=make_sampling_params(temperature=temperature, top_k=top_k, top_p=top_p,
-                                    repetition_penalty=repetition_penalty, seed=seed),
+                                    repetition_penalty=repetition_penalty, seed=seed,
+                                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty),
         stop=check_stop(stop),
         stream=bool(stream),
         mode=mode,

@@ -44,6 +44,8 @@ def _generate_inputs(generation: Generation, request: _Request) -> dict[str, np.
         "top_k": [p.top_k],
         "top_p": [p.top_p],
         "repetition_penalty": [p.repetition_penalty],
+        "presence_penalty": [p.presence_penalty],
+        "frequency_penalty": [p.frequency_penalty],
         "random_seed": [generation.seed],  # resolved: the client knows the seed it used
         "stream": [True],  # one response per token: timings and streaming for every call
         "return_log_probs": [request.return_logprobs],

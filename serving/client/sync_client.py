@@ -75,12 +75,14 @@ class Client(_ClientBase):
     def generate(self, prompt: Union[str, list[str]], *, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  stop: Union[str, Sequence[str]] = (), seed: Optional[int] = None, stream: bool = False,
-                 mode: Mode = "client", return_logprobs: bool = False):
+                 mode: Mode = "client", return_logprobs: bool = False, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0):
         """Generate from one prompt (-> GenerationResult), several (-> list, run concurrently),
         or stream one (-> TextStreamIterator of text deltas). temperature=0 is greedy."""
         request = _validate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-                            stream=stream, mode=mode, return_logprobs=return_logprobs)
+                            stream=stream, mode=mode, return_logprobs=return_logprobs,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         self._setup()
         generations = self._generations(request)
         if request.stream:
@@ -93,7 +95,8 @@ class Client(_ClientBase):
     def events(self, prompt: Union[str, Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                stop: Union[str, Sequence[str]] = (), seed: Optional[int] = None, mode: Mode = "client",
-               return_logprobs: bool = False, ignore_eos: bool = False) -> Iterator[TokenEvent]:
+               return_logprobs: bool = False, ignore_eos: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> Iterator[TokenEvent]:
         """The TokenEvents of one generation (token id, text delta, logprob, latency_s), for
         callers that want more than text: e.g. a benchmark, with a prompt of token ids and
         ignore_eos=True for exactly max_new_tokens tokens. Close it to stop early."""
@@ -101,7 +104,8 @@ class Client(_ClientBase):
         request = _validate(prompt if prompt_ids is None else "<ids>", max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=stop, seed=seed, stream=True, mode=mode,
-                            return_logprobs=return_logprobs)
+                            return_logprobs=return_logprobs, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty)
         self._setup()
         generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)[0]
         return self._events(generation, request)

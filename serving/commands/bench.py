@@ -24,6 +24,9 @@ BaselinesOption = Annotated[bool, typer.Option(
 CheckpointOption = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Weights for the PyTorch baselines (default: the repository manifest's source).")]
 OutOption = Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plots.")]
+ScenarioOption = Annotated[str, typer.Option(
+    "--scenario", help="levels: closed-loop concurrency levels; prefix: requests sharing a system prompt of "
+                       "--prompt-tokens tokens (+16 new each), TTFT with the prefix cache vs without (paired)")]
 SuiteOption = Annotated[Optional[str], typer.Option(
     "--suite", help="targets: export gpt2-random (fp32, int8) and demo, serve, bench, check the targets.")]
 
@@ -69,6 +72,7 @@ def bench(
     checkpoint: CheckpointOption = None,
     out: OutOption = Path("bench-out"),
     suite: SuiteOption = None,
+    scenario: ScenarioOption = "levels",
 ) -> None:
     """Benchmark a gptpipe server: per concurrency level, time to first token (p50/p90/p99),
     inter-token latency (p50/p99), tokens/s per stream and in aggregate, requests/s; plus
@@ -77,6 +81,8 @@ def bench(
     Example: gptpipe bench --repository model_repository --concurrency 1,4 --out bench-out
 
     Example: gptpipe bench --url localhost:8001 --mode server --no-baselines
+
+    Example: gptpipe bench --scenario prefix --prompt-tokens 512 --output-tokens 8 --out bench-prefix
 
     Example: gptpipe bench --suite targets --out bench-out
     """
@@ -92,7 +98,11 @@ def bench(
     if mode not in MODES:
         raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--mode")
     levels = parse_concurrency(concurrency)
+    if scenario not in ("levels", "prefix"):
+        raise typer.BadParameter(f"{scenario!r}: choose levels or prefix", param_hint="--scenario")
     if suite is not None:
+        if scenario != "levels":
+            raise typer.BadParameter("--suite targets runs every scenario itself", param_hint="--scenario")
         if suite != "targets":
             raise typer.BadParameter(f"{suite!r}: the only suite is 'targets'", param_hint="--suite")
         if url is not None:
@@ -120,7 +130,8 @@ def bench(
             else:
                 options = BenchOptions(url=url, repository=repository, mode=mode, concurrency=levels,
                                        prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                                       requests=requests, baselines=baselines, checkpoint=checkpoint)
+                                       requests=requests, baselines=baselines, checkpoint=checkpoint,
+                                       scenario=scenario)
                 report = run_bench(options, progress=progress)
         paths = write_report(report, out)
     except ValueError as e:  # bad options found once the model is known (context length, slots)

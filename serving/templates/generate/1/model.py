@@ -1,7 +1,9 @@
 """Triton python backend: `generate`, the decoupled server-side generation loop.
 
 Text (`text_input`) or ids (`input_ids`) in; tokens out, one response per token when
-`stream` is true, else one final response. The loop is serving.generation's, the same one
+`stream` is true, else one final response. It also takes the inputs Triton's own OpenAI
+frontend sends TensorRT-LLM models (`seed`, `presence_penalty`, `frequency_penalty`,
+`exclude_input_in_output`) and answers `num_input_tokens` / `num_output_tokens`. The loop is serving.generation's, the same one
 the client runs: each step is a BLS call into the stateful `gpt` model under a correlation
 id of its own, so server-side generations share `gpt`'s engine, KV pool and batching with
 client-side ones. Every request runs in a worker thread (execute returns at once), so many
@@ -91,6 +93,10 @@ class TritonPythonModel:
         stream = bool(_scalar(request, "stream", False))
         generation = self._parse(request)
         return_logprobs = generation.return_logprobs
+        counts = [len(generation.prompt_ids), 0]  # num_input_tokens, num_output_tokens
+        # TensorRT-LLM's default: the prompt's text is not repeated in text_output
+        prefix = "" if bool(_scalar(request, "exclude_input_in_output", True)) else \
+            self.tokenizer.decode(generation.prompt_ids)
         step = _BlsStep(correlation_id=secrets.randbits(63) + 1,  # 0 means "no sequence"
                         argmax=generation.argmax_only, decoupled=self.gpt_decoupled)
         ids, logprobs, text = [], [], []
@@ -99,10 +105,12 @@ class TritonPythonModel:
             for event in events:
                 if _cancelled(sender, request):
                     raise _Cancelled()
+                counts[1] += 1
                 if stream:
-                    response = _response(event.text, [event.token_id],
+                    response = _response(prefix + event.text, [event.token_id],
                                          [event.logprob] if return_logprobs else None,
-                                         event.finish_reason or "")
+                                         event.finish_reason or "", counts)
+                    prefix = ""
                     sender.send(response, flags=_FINAL if event.finish_reason else 0)
                 else:
                     ids.append(event.token_id)
@@ -111,8 +119,8 @@ class TritonPythonModel:
         finally:
             events.close()  # sends END if the loop did not finish (cancel, error)
         if not stream:
-            sender.send(_response("".join(text), ids, logprobs if return_logprobs else None,
-                                  generation.finish_reason), flags=_FINAL)
+            sender.send(_response(prefix + "".join(text), ids, logprobs if return_logprobs else None,
+                                  generation.finish_reason, counts), flags=_FINAL)
 
     def _parse(self, request):
         """A Generation from the request's tensors; InvalidParameterError for bad fields."""
@@ -136,6 +144,10 @@ class TritonPythonModel:
         end_id = _scalar(request, "end_id", None)
         eos = self.eos_token_id if end_id is None else (None if int(end_id) < 0 else int(end_id))
         seed = _scalar(request, "random_seed", None)
+        trtllm_seed = _scalar(request, "seed", None)
+        if seed is not None and trtllm_seed is not None:
+            raise InvalidParameterError("invalid parameter: give random_seed or seed, not both")
+        seed = trtllm_seed if seed is None else seed
         try:
             params = make_sampling_params(
                 temperature=float(_scalar(request, "temperature", 1.0)),
@@ -143,6 +155,8 @@ class TritonPythonModel:
                 top_p=float(_scalar(request, "top_p", 1.0)),
                 repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
                 seed=None if seed is None else int(seed),
+                presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
+                frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
             )
             return Generation(
                 prompt_ids,
@@ -233,11 +247,13 @@ def _cancelled(sender, request):
     return False
 
 
-def _response(text, ids, logprobs, finish_reason):
+def _response(text, ids, logprobs, finish_reason, counts):
     outputs = [
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
         pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+        pb_utils.Tensor("num_input_tokens", np.asarray(counts[:1], dtype=np.int32)),
+        pb_utils.Tensor("num_output_tokens", np.asarray(counts[1:], dtype=np.int32)),
     ]
     if logprobs is not None:
         outputs.append(pb_utils.Tensor("output_log_probs", np.asarray(logprobs, dtype=np.float32)))
