@@ -113,7 +113,7 @@ def test_interrupted_export_leaves_the_previous_repository_intact(hf_checkpoint,
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--precision", "fp8"], "--precision must be one of fp32, fp16, int8"),
+    (["--precision", "fp8"], "--precision must be one of fp32, fp16, int8, int4"),
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["--max-step-wait-us", "-1"], "--max-step-wait-us must be >= 0"),
     (["--max-num-batched-tokens", "-1"], "--max-num-batched-tokens must be >= 0"),
@@ -153,3 +153,28 @@ def test_validation_failure_fails_the_export(hf_checkpoint, tmp_path, monkeypatc
     assert result.exit_code == 1
     assert "max_abs_logits" in result.output or "limit" in result.output, result.output
     assert not out.exists() and not list(tmp_path.glob(".repo.tmp-*"))
+
+
+def test_int4_repository_is_served_by_triton_with_the_engine_tokens(hf_checkpoint, tmp_path, triton_server_factory):
+    """`--precision int4` end to end: the export validates (int4 tolerances), the manifest says
+    int4, the graph is MatMulNBits, and a real tritonserver serves the repository: its greedy
+    tokens (server-side loop and client loop) are the int4 engine's own, run in this process."""
+    from serving import Client
+    from serving.bench.ort_loop import OrtLoop
+
+    _, folder = hf_checkpoint
+    repo = tmp_path / "repo"
+    result = runner.invoke(app, ["--model", str(folder), "--precision", "int4", "--output", str(repo),
+                                 "--max-batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["precision"] == "int4" and verify_manifest(repo) == []
+    assert manifest["fusions"]["op_counts_after"]["MatMulNBits"] == 4 * SHAPE["n_layer"] + 1
+    engine = repo / "gpt" / "1" / "model.onnx"
+    prompt = np.random.default_rng(11).integers(0, SHAPE["vocab_size"], 9).tolist()
+    expected = list(OrtLoop(engine, threads=1).generate(prompt, 12).tokens)
+    server = triton_server_factory(repo)
+    with Client(server.grpc_url) as client:
+        for mode in ("server", "client"):
+            events = client.events(prompt, max_new_tokens=12, temperature=0, mode=mode, ignore_eos=True)
+            assert [e.token_id for e in events] == expected, mode

@@ -1,5 +1,5 @@
 """export/onnx/optimise.py through export_onnx, against PyTorch: the tanh GELU kept through the
-fusions at opset 21, the fp16 graph and the int8 graph (its LM head quantized too)."""
+fusions at opset 21, the fp16 graph, the int8 and int4 graphs (their LM heads quantized too)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from export.model import GPT
 from export.onnx import TOLERANCES, ValidationError, export_onnx, validate_onnx
-from export.onnx.optimise import LM_HEAD_WEIGHT
+from export.onnx.optimise import INT4_BLOCK_SIZE, LM_HEAD_WEIGHT
 from serving.engine.runtime import OrtRuntime
 from tests.onnx_export_fixtures import graph, model, randomize_aux, text_tokens  # noqa: F401 (fixtures)
 
@@ -61,3 +61,29 @@ def test_int8_static_export_validates_and_quantizes_the_lm_head(model: GPT, text
     report = result.validation
     assert report.overall.rel_logits <= TOLERANCES["int8"].max_rel_logits
     assert report.perplexity.rel_change <= TOLERANCES["int8"].max_rel_ppl
+
+
+def test_int4_static_export_validates_and_quantizes_every_matmul_blockwise(model: GPT, text_tokens,
+                                                                          tmp_path: Path) -> None:
+    result = export_onnx(model, tmp_path / "gpt.onnx", precision="int4", text_tokens=text_tokens)
+    rt = OrtRuntime(result.path)
+    assert rt.kv_dtype == np.float32 and rt.logits_dtype == np.float32
+    g = graph(result)
+    ops = [n.op_type for n in g.node]
+    assert "MatMul" not in ops and "Gemm" not in ops and "MatMulInteger" not in ops
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * model.config.n_layer + 1  # c_attn, c_proj, c_fc, c_proj; head
+    for node in nbits:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["bits"], attrs["block_size"]) == (4, INT4_BLOCK_SIZE)
+    head = [n for n in nbits if n.input[1].startswith(LM_HEAD_WEIGHT)]
+    assert len(head) == 1 and {a.name: a.i for a in head[0].attribute}["N"] == model.config.vocab_size
+    inits = {i.name: i for i in g.initializer}
+    assert inits[head[0].input[1]].data_type == onnx.TensorProto.UINT8  # two 4-bit weights a byte
+    report = result.validation
+    assert report.overall.rel_logits <= TOLERANCES["int4"].max_rel_logits
+    assert report.perplexity.rel_change <= TOLERANCES["int4"].max_rel_ppl
+    # int4 is coarser than int8, but not random: a graph of another model fails its checks
+    other = randomize_aux(GPT(model.config), seed=2).eval()
+    with pytest.raises(ValidationError, match=r"check 'all checks \(\d+ positions\)': rms\(Δlogits\)"):
+        validate_onnx(result.path, other, precision="int4")

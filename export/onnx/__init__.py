@@ -1,5 +1,5 @@
 """PyTorch GPT -> ONNX with a KV cache, in the order the stages run: export (torch.export, the
-static-cache and dynamic graphs) -> optimise (fusions, fp16, int8) -> validate (against PyTorch,
+static-cache and dynamic graphs) -> optimise (fusions, fp16, int8, int4) -> validate (against PyTorch,
 through the engine that serves it); `export_onnx` runs them all.
 
 Two graphs, one tensor table (serving/tensors.py names and shapes every input and output):
@@ -15,7 +15,8 @@ Two graphs, one tensor table (serving/tensors.py names and shapes every input an
 Both return the last position's logits only, (B, V), in float32 for every precision (the sampler
 sees one dtype everywhere): fp32 is the reference; fp16 has fp16 weights, activations and KV
 cache with LayerNorms in fp32; int8 quantizes the MatMul weights (the LM head through its own
-transposed copy of the tied embedding) and keeps activations and KV in fp32.
+transposed copy of the tied embedding) and keeps activations and KV in fp32; int4 does the same
+with ONNX Runtime's 4-bit block-wise `MatMulNBits` (blocks of 32, onnxruntime-genai's format).
 
 Every export is validated (unless told not to) by `validate_onnx`; see its docstring for the checks
 and the tolerances.
@@ -26,11 +27,11 @@ static-cache attention op), export, optimise, validate, pipeline (`export_onnx`,
 
 from export.onnx.export import DEFAULT_OPSET, check_opset
 from export.onnx.graph import KV_CACHES, PRECISIONS, ExportError
-from export.onnx.optimise import to_fp16, to_int8
+from export.onnx.optimise import to_fp16, to_int4, to_int8
 from export.onnx.pipeline import ExportResult, export_onnx
 from export.onnx.validate import TOLERANCES, Tolerance, ValidationError, ValidationReport, validate_onnx
 
 __all__ = [
     "DEFAULT_OPSET", "KV_CACHES", "PRECISIONS", "TOLERANCES", "ExportError", "ExportResult", "Tolerance",
-    "ValidationError", "ValidationReport", "check_opset", "export_onnx", "to_fp16", "to_int8", "validate_onnx",
+    "ValidationError", "ValidationReport", "check_opset", "export_onnx", "to_fp16", "to_int4", "to_int8", "validate_onnx",
 ]

@@ -13,8 +13,8 @@ import onnx
 from export.config import GPTConfig
 from serving import tensors
 
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 KV_CACHES: tuple[str, ...] = ("static", "dynamic")
 LOGITS_DTYPE = "float32"
 _PROTOBUF_LIMIT = 2**31 - 2**26  # above this (~1.9 GB), weights go to a side file

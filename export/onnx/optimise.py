@@ -1,5 +1,6 @@
 """Graph rewrites after the export: ORT's transformer fusions (with the tanh-GELU -> FastGelu
-rewrite they need), the fp16 conversion and int8 dynamic quantization of the MatMul weights."""
+rewrite they need), the fp16 conversion, int8 dynamic and int4 block-wise quantization of the
+MatMul weights."""
 
 from __future__ import annotations
 
@@ -125,3 +126,29 @@ def to_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
                          extra_options={"MatMulConstBOnly": True})
         return onnx.load(str(dst))
 
+
+
+# int4: ONNX Runtime's MatMulNBits, the format onnxruntime-genai's model builder writes for CPU:
+# 4-bit weights, blocks of 32 along the input dimension, one fp32 scale per block, symmetric.
+INT4_BLOCK_SIZE = 32
+INT4_SYMMETRIC = True
+# accuracy_level 4: activations quantized to int8 per block inside the kernel (MLAS's int8 GEMM,
+# VNNI/AMX where the CPU has them); 0 would compute in fp32 from dequantized weights.
+INT4_ACCURACY_LEVEL = 4
+
+
+def to_int4(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Block-wise 4-bit weight-only quantization of every MatMul weight (LM head included, through
+    its own copy as in int8) into com.microsoft MatMulNBits; KV cache, LayerNorms, attention,
+    embeddings stay fp32."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = untie_lm_head(proto)
+    with quiet_toolchain():
+        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=INT4_SYMMETRIC,
+                                         accuracy_level=INT4_ACCURACY_LEVEL, op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    out = quantizer.model.model
+    if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
+        raise ExportError("int4 quantization left no MatMulNBits in the graph")
+    return out

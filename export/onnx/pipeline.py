@@ -16,7 +16,7 @@ from export.model import GPT
 from export.onnx.export import DEFAULT_OPSET, check_opset, set_io_shapes, torch_export
 from export.onnx.graph import (KV_CACHES, PRECISIONS, check_io, external_data_path, graph_specs, model_files,
                                op_counts, save_model, set_metadata)
-from export.onnx.optimise import fuse_transformer_ops, to_fp16, to_int8
+from export.onnx.optimise import fuse_transformer_ops, to_fp16, to_int4, to_int8
 from export.onnx.validate import ValidationReport, validate_onnx
 from serving import tensors
 
@@ -101,6 +101,9 @@ def export_onnx(
     elif precision == "int8":
         logger.info("quantizing MatMul weights to int8 (dynamic quantization)")
         proto = to_int8(proto)
+    elif precision == "int4":
+        logger.info("quantizing MatMul weights to int4 (MatMulNBits, blocks of 32)")
+        proto = to_int4(proto)
     fusions["op_counts_after"] = op_counts(proto)
     check_io(proto, inputs, outputs)
     set_metadata(proto, config=config, kv_cache=kv_cache, precision=precision)
