@@ -24,6 +24,9 @@ BaselinesOption = Annotated[bool, typer.Option(
 CheckpointOption = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Weights for the PyTorch baselines (default: the repository manifest's source).")]
 OutOption = Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plots.")]
+EndpointOption = Annotated[str, typer.Option(
+    "--endpoint", help="grpc: the direct client; openai: the OpenAI frontend paired with the direct client "
+    "(openai_vs_grpc_c<N> ratios; aiperf beside it when .venv-aiperf exists).")]
 SuiteOption = Annotated[Optional[str], typer.Option(
     "--suite", help="targets: export gpt2-random (fp32, int8) and demo, serve, bench, check the targets.")]
 
@@ -69,6 +72,7 @@ def bench(
     checkpoint: CheckpointOption = None,
     out: OutOption = Path("bench-out"),
     suite: SuiteOption = None,
+    endpoint: EndpointOption = "grpc",
 ) -> None:
     """Benchmark a gptpipe server: per concurrency level, time to first token (p50/p90/p99),
     inter-token latency (p50/p99), tokens/s per stream and in aggregate, requests/s; plus
@@ -79,6 +83,8 @@ def bench(
     Example: gptpipe bench --url localhost:8001 --mode server --no-baselines
 
     Example: gptpipe bench --suite targets --out bench-out
+
+    Example: gptpipe bench --endpoint openai --concurrency 1,8 --prompt-tokens 32 --output-tokens 64
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -92,6 +98,11 @@ def bench(
     if mode not in MODES:
         raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--mode")
     levels = parse_concurrency(concurrency)
+    if endpoint not in ("grpc", "openai"):
+        raise typer.BadParameter(f"{endpoint!r}: choose grpc or openai", param_hint="--endpoint")
+    if endpoint == "openai" and suite is not None:
+        raise typer.BadParameter("--suite targets measures the gRPC paths; drop --endpoint openai",
+                                 param_hint="--endpoint")
     if suite is not None:
         if suite != "targets":
             raise typer.BadParameter(f"{suite!r}: the only suite is 'targets'", param_hint="--suite")
@@ -114,7 +125,13 @@ def bench(
     try:
         with Progress(*columns, console=console, transient=False) as bar:
             progress = _RichProgress(bar)
-            if suite == "targets":
+            if endpoint == "openai":
+                from serving.bench.openai_endpoint import run_openai_bench
+
+                options = BenchOptions(url=url, repository=repository, concurrency=levels, prompt_tokens=prompt_tokens,
+                                       output_tokens=output_tokens, baselines=False)
+                report = run_openai_bench(options, out_dir=out, progress=progress)
+            elif suite == "targets":
                 report = run_targets(out, concurrency=levels, requests=requests, mode=mode, progress=progress,
                                      prompt_tokens=prompt_tokens, output_tokens=output_tokens)
             else:
