@@ -135,6 +135,12 @@ def export_model(
     max_step_wait_us: Annotated[int, typer.Option(
         "--max-step-wait-us", help="in-flight batching: how long (µs) an engine call may wait for the "
                                    "sequences of the previous call to send their next step")] = 5000,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache/--no-prefix-cache",
+        help="reuse the KV of prompt prefixes already in the pool (blocks of 16 tokens)")] = True,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        "--max-num-batched-tokens", help="chunked prefill: prompt tokens per engine call (decode steps "
+                                         "of other sequences run between chunks); 0: whole prompts")] = 64,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")] = False,
 ) -> None:
     """Export a GPT-2 checkpoint to ONNX with a KV cache, validate it against PyTorch, and write
@@ -151,7 +157,8 @@ def export_model(
         _export(model=model, precision=precision, output=output, max_batch_size=max_batch_size,
                 opset=opset, force=force, tokenizer=tokenizer, kv_cache=kv_cache,
                 idle_timeout_s=idle_timeout_s, inflight_batching=inflight_batching,
-                max_step_wait_us=max_step_wait_us)
+                max_step_wait_us=max_step_wait_us, prefix_cache=prefix_cache,
+                max_num_batched_tokens=max_num_batched_tokens)
     except (ExportFailed, ValidationError, RepositoryError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
@@ -159,7 +166,8 @@ def export_model(
 
 def _export(*, model: str, precision: str, output: Path, max_batch_size: int, opset: int, force: bool,
             tokenizer: Optional[Path], kv_cache: str, idle_timeout_s: float, inflight_batching: bool = True,
-            max_step_wait_us: int = 5000) -> None:
+            max_step_wait_us: int = 5000, prefix_cache: bool = True,
+            max_num_batched_tokens: int = 64) -> None:
     # reject bad flags before any slow work
     if precision not in PRECISIONS:
         raise ExportFailed(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -171,6 +179,8 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
         raise ExportFailed(f"--idle-timeout must be > 0 seconds, got {idle_timeout_s}")
     if max_step_wait_us < 0:
         raise ExportFailed(f"--max-step-wait-us must be >= 0, got {max_step_wait_us}")
+    if max_num_batched_tokens < 0:
+        raise ExportFailed(f"--max-num-batched-tokens must be >= 0 (0: no chunking), got {max_num_batched_tokens}")
     from export.onnx import check_opset
 
     try:
@@ -181,7 +191,8 @@ def _export(*, model: str, precision: str, output: Path, max_batch_size: int, op
     check_output(output, force=force)
     options = ServingOptions(max_sequences=max_batch_size,
                              max_sequence_idle_microseconds=int(idle_timeout_s * 1e6),
-                             inflight_batching=inflight_batching, max_step_wait_microseconds=max_step_wait_us)
+                             inflight_batching=inflight_batching, max_step_wait_microseconds=max_step_wait_us,
+                             prefix_cache=prefix_cache, max_num_batched_tokens=max_num_batched_tokens)
     from serving.server import has_nvidia_gpu
 
     if precision == "fp16" and not has_nvidia_gpu():

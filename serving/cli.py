@@ -15,6 +15,7 @@ from serving.commands.generate import generate
 from serving.commands.openai import openai
 from serving.commands.repo import repo_app
 from serving.commands.serve import serve
+from serving.commands.soak import soak
 
 app = typer.Typer(
     name="gptpipe",
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.command("serve")(serve)
 app.command("generate")(generate)
 app.command("bench")(bench)
+app.command("soak")(soak)
 app.command("openai")(openai)
 app.command("build-engine")(build_engine_command)
 app.add_typer(repo_app, name="repo")

@@ -21,7 +21,6 @@ The END of a sequence (what frees its KV slot on the server) is always sent:
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,15 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
+from serving.errors import (
+    GptpipeError,
+    InvalidParameterError,
+    PromptTooLongError,
+    ServerBusyError,
+    ServerError,
+    ServerUnavailableError,
+)
+from serving.request_rules import check_max_new_tokens, check_strings
 from serving.sampling import Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -45,44 +53,7 @@ FinishReason = Literal["length", "stop", "eos"]
 FINISH_REASONS: tuple[str, ...] = ("length", "stop", "eos")
 
 
-# ---------------------------------------------------------------------------- errors
-
-
-class GptpipeError(Exception):
-    """Base of every error gptpipe raises on purpose."""
-
-
-class InvalidParameterError(GptpipeError, ValueError):
-    """A generation argument is out of range; the message names the field and the limit."""
-
-
-class PromptTooLongError(InvalidParameterError):
-    """prompt + max_new_tokens does not fit in the model's context (n_positions)."""
-
-
-class ServerBusyError(GptpipeError):
-    """Every KV-cache slot of the server is taken ("server busy: ...")."""
-
-
-class ServerUnavailableError(GptpipeError):
-    """The server cannot be reached, or went away during a generation."""
-
-
-class ServerError(GptpipeError):
-    """Any other error the server reported; carries the server's message."""
-
-
 # ---------------------------------------------------------------------------- validation
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def check_max_new_tokens(max_new_tokens: object, *, field_name: str = "max_new_tokens") -> int:
-    if not _is_int(max_new_tokens) or int(max_new_tokens) < 1:  # type: ignore[call-overload]
-        raise InvalidParameterError(f"{field_name} must be an int >= 1, got {max_new_tokens!r}")
-    return int(max_new_tokens)  # type: ignore[call-overload]
 
 
 def check_prompt_ids(
@@ -112,13 +83,7 @@ def check_prompt_ids(
 
 def check_stop(stop: str | Iterable[str] | None, *, field_name: str = "stop") -> tuple[str, ...]:
     """Stop strings as a tuple; one string is one stop string; each must be non-empty."""
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    for i, s in enumerate(stops):
-        if not isinstance(s, str) or not s:
-            raise InvalidParameterError(f"{field_name}[{i}] must be a non-empty string, got {s!r}")
-    return stops
+    return check_strings(field_name, stop)
 
 
 def make_sampling_params(
@@ -152,19 +117,25 @@ class TokenEvent:
     """One generated token. ``text`` is the text it makes visible (may be "" while a UTF-8
     character or a possible stop string is incomplete; the last event carries the rest).
     ``latency_s``: seconds from sending the step to this token being sampled (for the first
-    token: from sending START), not counting time the consumer held the stream."""
+    token: from sending START), not counting time the consumer held the stream.
+    ``endpoint``: the replica that served the token (set by a client given several endpoints);
+    ``failovers``: how many times the generation moved to another replica up to this token."""
 
     token_id: int
     text: str
     logprob: Optional[float] = None
     finish_reason: Optional[FinishReason] = None
     latency_s: float = 0.0
+    endpoint: Optional[str] = None
+    failovers: int = 0
 
 
 @dataclass(frozen=True)
 class Timings:
     ttft_s: float  # time to first token
     itl_s: tuple[float, ...] = ()  # inter-token latencies, one per token after the first
+    failovers: int = 0  # times the generation moved to another replica (re-prefilled there)
+    endpoints: tuple[str, ...] = ()  # the replicas that served its tokens, in order (several endpoints only)
 
     @property
     def total_s(self) -> float:
@@ -185,13 +156,15 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timings"]["itl_s"] = list(self.timings.itl_s)
+        d["timings"]["endpoints"] = list(self.timings.endpoints)
         return d
 
 
 def collect(events: Iterable[TokenEvent], *, return_logprobs: bool = False) -> GenerationResult:
     """Drain a stream of events into one GenerationResult."""
-    text, ids, logprobs, latencies = [], [], [], []
+    text, ids, logprobs, latencies, endpoints = [], [], [], [], []
     finish: Optional[FinishReason] = None
+    failovers = 0
     for event in events:
         text.append(event.text)
         ids.append(event.token_id)
@@ -199,9 +172,12 @@ def collect(events: Iterable[TokenEvent], *, return_logprobs: bool = False) -> G
         if event.logprob is not None:
             logprobs.append(event.logprob)
         finish = event.finish_reason or finish
+        failovers = max(failovers, event.failovers)
+        if event.endpoint is not None and event.endpoint not in endpoints[-1:]:
+            endpoints.append(event.endpoint)
     if finish is None:
         raise GptpipeError("the generation ended without a finish reason (stream cut short?)")
-    timings = Timings(latencies[0], tuple(latencies[1:])) if latencies else Timings(0.0)
+    timings = Timings(latencies[0] if latencies else 0.0, tuple(latencies[1:]), failovers, tuple(endpoints))
     return GenerationResult("".join(text), ids, finish, logprobs if return_logprobs else None, timings)
 
 
@@ -227,7 +203,8 @@ class Generation:
         vocab_size: Optional[int] = None,
         max_new_tokens_field: str = "max_new_tokens",
     ) -> None:
-        self.max_new_tokens = check_max_new_tokens(max_new_tokens, field_name=max_new_tokens_field)
+        self.max_new_tokens = check_max_new_tokens(max_new_tokens, n_positions=n_positions,
+                                                   field_name=max_new_tokens_field)
         if vocab_size is None and tokenizer is not None:
             vocab_size = tokenizer.vocab_size
         self.vocab_size = vocab_size

@@ -1,6 +1,6 @@
 """Is a Triton replica ready to serve? Every model's ready endpoint, checked within one bound.
 
-Used by the client's endpoint routing (``serving.routing``: an endpoint marked failed comes
+Used by the client's endpoint routing (``serving.client.routing``: an endpoint marked failed comes
 back only when this says ready) and by Kubernetes: the readiness and startup probes of
 ``deploy/k8s`` run ``python3 -m serving.health`` inside the Triton container, because an
 ``httpGet`` probe checks one path and gptpipe serves three models. Standard library only, so

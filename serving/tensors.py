@@ -133,6 +133,9 @@ VOCAB = "vocab_size"
 CONTROL_START = "START"
 CONTROL_END = "END"
 CONTROL_CORRID = "CORRID"
+# A request parameter (bool) of a `gpt` step sent over a gRPC stream: keep the step's request
+# open until the sequence's next step, as a lease whose cancellation frees the KV slot at once.
+LEASE_PARAMETER = "gptpipe_lease"
 
 # `gpt`: one step of one sequence; the KV cache stays on the server, keyed by the correlation id.
 GPT_MODEL = "gpt"
@@ -149,18 +152,21 @@ GPT_OUTPUTS = [
 
 # `generate`: decoupled, streaming, the server-side loop. Names as tensorrtllm_backend's
 # ensemble/tensorrt_llm_bls models name them where they mean the same thing.
+# Integers are INT64: Triton's HTTP generate extension casts a JSON number to the declared
+# type before the model sees it (4294967300 into an INT32 is 4), so only a wide type lets the
+# model check the range (serving.request_rules).
 GENERATE_MODEL = "generate"
 GENERATE_INPUTS = [
     TensorSpec("text_input", "bytes", (1,), optional=True, doc="the prompt as text"),
     TensorSpec(INPUT_IDS, "int64", (-1,), optional=True, doc="the prompt as token ids"),
-    TensorSpec("max_tokens", "int32", (1,), optional=True, doc="new tokens at most (>= 1)"),
+    TensorSpec("max_tokens", "int64", (1,), optional=True, doc="new tokens at most (>= 1)"),
     TensorSpec("temperature", "float32", (1,), optional=True, doc="0 = greedy"),
-    TensorSpec("top_k", "int32", (1,), optional=True, doc="0 = off"),
+    TensorSpec("top_k", "int64", (1,), optional=True, doc="0 = off"),
     TensorSpec("top_p", "float32", (1,), optional=True, doc="in (0, 1]"),
     TensorSpec("repetition_penalty", "float32", (1,), optional=True, doc="> 0; 1 = off"),
     TensorSpec("random_seed", "uint64", (1,), optional=True, doc="seed of the sampler"),
     TensorSpec("stop_words", "bytes", (-1,), optional=True, doc="stop strings, cut from the text"),
-    TensorSpec("end_id", "int32", (1,), optional=True, doc="end-of-sequence token id; -1 = none"),
+    TensorSpec("end_id", "int64", (1,), optional=True, doc="end-of-sequence token id; -1 = none"),
     TensorSpec("stream", "bool", (1,), optional=True, doc="one response per token"),
     TensorSpec("return_log_probs", "bool", (1,), optional=True, doc="add output_log_probs"),
     # OpenAI's additive penalties, and the rest of what Triton's own OpenAI frontend sends a

@@ -45,6 +45,7 @@ class Tokenizer:
         self.backend = backend
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.eos_token_id: int | None = backend.token_to_id(EOS_TOKEN)
+        self._max_token_bytes: int | None = None
 
     # -- constructors ---------------------------------------------------------------
 
@@ -115,6 +116,17 @@ class Tokenizer:
                 raise ValueError(f"token id must be in [0, {self.vocab_size}) (vocab size), got {i}")
             out.append(i)
         return out
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token of the vocabulary decodes to (computed once). A text
+        of N bytes has at least N / max_token_bytes tokens: what lets a too-long prompt be
+        refused before it is tokenized (serving.request_rules.check_prompt_bytes). A token that
+        is part of a character decodes to U+FFFD (3 bytes), never fewer bytes than it has."""
+        if self._max_token_bytes is None:
+            texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            self._max_token_bytes = max(1, max(len(t.encode("utf-8", errors="surrogatepass")) for t in texts))
+        return self._max_token_bytes
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -1,5 +1,5 @@
 """Tiny real HTTP servers on free loopback ports that answer Triton's ready paths: 200, or 503
-for the paths in ``server.not_ready``. For tests of serving.health and serving.routing."""
+for the paths in ``server.not_ready``. For tests of serving.health and serving.client.routing."""
 
 from __future__ import annotations
 

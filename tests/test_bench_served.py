@@ -41,7 +41,9 @@ def tiny_served(tmp_path_factory, request):
     exported = export_onnx(model, root / "export" / "gpt.onnx", validate=False)
     repository = write_repository(root / "repo", engine_file=exported.path,
                                   tokenizer_json=train_tokenizer(config.vocab_size).to_str(),
-                                  model_config=config.to_dict(), options=ServingOptions(max_sequences=4))
+                                  model_config=config.to_dict(),
+                                  # prompts over 16 tokens are prefilled in chunks (both loops, real server)
+                                  options=ServingOptions(max_sequences=4, max_num_batched_tokens=16))
     checkpoint = save_model(model, None, root / "hf")  # the same weights, for the PyTorch baselines
     server = start_server(repository)
     yield model, repository, checkpoint, server
@@ -135,3 +137,57 @@ def test_aggregate_pairs_runs_adjacent_levels_on_a_real_server(inflight):
     assert min(one_a, eight, one_b) > 0
     assert out["ratios"] == pytest.approx([100.0 / one_a, eight / one_a, eight / one_b])
     assert out["ratio"] == pytest.approx(float(np.median(out["ratios"])))
+
+
+def test_prompts_served_from_the_prefix_cache_give_the_pytorch_greedy_tokens(tiny_served, request):
+    """Both loops (client-side over `gpt`, server-side `generate`): a prompt whose first blocks
+    the server has cached (an earlier prompt with the same 48-token start) gives PyTorch's
+    greedy tokens, and the server's counters say its KV came from the cache."""
+    from tests.conftest import metric
+
+    model, _, _, server = tiny_served
+    attach_server_log(request, server)
+    vocab = model.config.vocab_size
+    for i, mode in enumerate(MODES):
+        system = random_prompts(1, 48, vocab_size=vocab, seed=40 + i)[0]
+        first, second = (system + u for u in random_prompts(2, 5, vocab_size=vocab, seed=50 + i))
+        hits = metric(server, "gptpipe_prefix_cache_hit_tokens_total")
+        generate = ServedGenerator(server.grpc_url, mode=mode)
+        try:
+            generate(first, 4)
+            t = generate(second, 12)
+        finally:
+            generate.close()
+        assert list(t.tokens) == generate_greedy(model, second, 12), mode
+        assert metric(server, "gptpipe_prefix_cache_hit_tokens_total") - hits >= 48, mode  # 3 blocks of 16
+    assert metric(server, "gptpipe_prefill_chunks_total") >= 2 * 3  # each first 53-token prompt: 4 chunks
+
+
+def test_the_prefix_scenario_on_a_real_server(tiny_served, tmp_path, request):
+    """`gptpipe bench --scenario prefix`: paired TTFTs, greedy tokens identical with the cache,
+    the server's prefix-cache counters (through prefix_scenario with the metrics port)."""
+    from serving.bench.prefix import prefix_scenario
+
+    model, repository, _, server = tiny_served
+    attach_server_log(request, server)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli(), [
+        "bench", "--url", server.grpc_url, "--repository", str(repository), "--no-baselines",
+        "--scenario", "prefix", "--concurrency", "1,2", "--prompt-tokens", "64", "--output-tokens", "4",
+        "--requests", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "bench.json").read_text())
+    p = report["prefix"]
+    assert report["levels"] == [] and report["settings"]["scenario"] == "prefix"
+    assert p["greedy_identical"] is True and len(p["paired_ratios"]) == 2 and p["ttft_ratio"] > 0
+    assert p["concurrent"]["concurrency"] == 2 and "Prefix cache" in (out / "bench.md").read_text()
+
+    generate = ServedGenerator(server.grpc_url)
+    try:
+        p = prefix_scenario(generate, vocab_size=model.config.vocab_size, system_tokens=64, output_tokens=3,
+                            requests=2, metrics_url=server.metrics_url, seed=5)
+    finally:
+        generate.close()
+    counted = p["server_prefix_cache"]
+    # warm-up + 3 per request; hits: the shared prompt twice, each fresh prompt when sent again
+    assert counted["queries"] == 7 and counted["hits"] == 4 and counted["hit_tokens"] == 4 * 64

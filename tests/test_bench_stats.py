@@ -76,12 +76,15 @@ def test_judge_keeps_the_order_and_fails_what_was_not_measured():
     ratios = judge(values)
     assert list(ratios) == [
         "served_vs_transformers", "served_vs_ort_inprocess", "served_vs_bandwidth_limit",
-        "itl_ctx1000_vs_ctx100", "aggregate_8_vs_1", "int8_vs_fp32", "start_to_ready_s",
+        "itl_ctx1000_vs_ctx100", "aggregate_8_vs_1", "ttft_p90_8_vs_p50_1", "itl_p99_vs_p50_8",
+        "ttft_cached_prefix_vs_uncached", "prefix_greedy_identical", "int8_vs_fp32", "start_to_ready_s",
         "rss_vs_weights_kv", "int8_greedy_agreement",
     ]
     failed = {k for k, r in ratios.items() if not r["pass"]}
     assert failed == {"served_vs_transformers", "start_to_ready_s", "int8_greedy_agreement"}
     assert ratios["itl_ctx1000_vs_ctx100"]["target"] == "<= 1.3"
+    assert ratios["aggregate_8_vs_1"]["target"] == ">= 4.5" and ratios["ttft_cached_prefix_vs_uncached"]["target"] == "<= 0.2"
+    assert not judge({**values, "prefix_greedy_identical": 0.0})["prefix_greedy_identical"]["pass"]
     assert ratios["int8_greedy_agreement"]["value"] is None
 
 

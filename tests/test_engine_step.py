@@ -78,6 +78,7 @@ def test_the_engine_config_is_what_the_repository_wrote(tiny_export, repository)
     assert config.model_config == json.loads(json.dumps(model.config.to_dict()))
     assert config.max_sequences == 3 and config.intra_op_threads is None and config.spinning is False
     assert config.idle_timeout_s == 2.5 and config.max_step_wait_s == pytest.approx(1234e-6)
+    assert config.prefix_cache is True and config.max_num_batched_tokens == 64  # the defaults
 
 
 def test_parse_step_takes_one_sequence_per_request() -> None:
@@ -133,7 +134,8 @@ def test_the_inflight_loop_sends_every_response_and_survives_failures(repository
     queue = StepQueue(wait_s=0.0)
     sent: dict[str, list] = {}
 
-    def send(sender, response):
+    def send(sender, response, final):
+        assert final  # no step asked for a lease
         if sender == "gone":
             raise ConnectionError("the client went away")
         sent.setdefault(sender, []).append(response)
@@ -142,17 +144,106 @@ def test_the_inflight_loop_sends_every_response_and_survives_failures(repository
         return (request, f"gpt step failed: {error}")
 
     # one batch, queued before the loop starts: answering it raises, and one sender is gone
-    queue.put(6, ("explode", StepRequest(6, np.array([3]), start=True), "sender x"))
-    queue.put(None, ("b", "input_ids must have shape [1, tokens]", "gone"))
+    queue.put(6, ("explode", StepRequest(6, np.array([3]), start=True), "sender x", False))
+    queue.put(None, ("b", "input_ids must have shape [1, tokens]", "gone", False))
     thread = threading.Thread(target=engine.serve, args=(queue,), kwargs=dict(send=send, failed=failed))
     thread.start()
     try:
         assert wait_for(lambda: "sender x" in sent)
         assert sent == {"sender x": [("explode", "gpt step failed: boom")]}  # every request told; "gone" logged
-        queue.put(5, ("a", StepRequest(5, np.array([1, 2]), start=True), "sender a"))  # the loop keeps serving
+        queue.put(5, ("a", StepRequest(5, np.array([1, 2]), start=True), "sender a", False))  # the loop keeps serving
         assert wait_for(lambda: "sender a" in sent)
         assert sent["sender a"] == [("a", None)]
     finally:
         queue.close()
         thread.join(timeout=30)
     assert not thread.is_alive(), "serve() returns once the queue is closed"
+
+
+def test_the_inflight_loop_answers_decode_steps_between_the_chunks_of_a_long_prompt(tiny_export, tmp_path) -> None:
+    """max_num_batched_tokens=16: a 60-token prompt takes 4 iterations; a decoding stream is
+    answered in each of them, the prompt after its last chunk, with PyTorch's logits. The second
+    prompt with the same start reuses its blocks (the prefix cache's metrics count it)."""
+    model, _, onnx_path = tiny_export
+    repository = write_repository(tmp_path / "repo", engine_file=onnx_path, tokenizer_json="{}",
+                                  model_config=model.config.to_dict(),
+                                  options=ServingOptions(max_sequences=3, max_num_batched_tokens=16,
+                                                         max_step_wait_microseconds=1_000_000))
+    engine, m = engine_for(repository)
+    queue = StepQueue(wait_s=1.0)  # each iteration waits for the decoding stream: one step per chunk
+    sent: list = []
+    long = np.random.default_rng(0).integers(1, 500, 60).tolist()
+    history = [5, 6, 7]
+    queue.put(1, ("p1", StepRequest(1, np.array(history), start=True), "s1", False))
+    thread = threading.Thread(target=engine.serve, args=(queue,),
+                              kwargs=dict(send=lambda sender, r, final: sent.append(r), failed=lambda r, e: (r, None, e)))
+    thread.start()
+    try:
+        assert wait_for(lambda: len(sent) == 1)
+        history.append(int(sent[0][1].argmax()))
+        queue.put(2, ("long", StepRequest(2, np.array(long), start=True), "s2", False))
+        decoded = 0
+        # (the engine waits for sequence 1, answered last, to send its step)
+        while not any(r[0] == "long" for r in sent):
+            queue.put(1, ("d1", StepRequest(1, np.array(history[-1:])), "s1", False))
+            assert wait_for(lambda: sum(r[0] == "d1" for r in sent) > decoded)
+            decoded += 1
+            (_, logits, error) = [r for r in sent if r[0] == "d1"][-1]
+            assert error is None
+            np.testing.assert_allclose(logits, last_logits(model, history), atol=TOL, rtol=0)
+            history.append(int(logits.argmax()))
+        assert decoded == 4  # the stream stepped with each chunk: 16 + 16 + 16 + 12 tokens
+        (_, logits, error) = next(r for r in sent if r[0] == "long")
+        np.testing.assert_allclose(logits, last_logits(model, long), atol=TOL, rtol=0)
+        assert m["gptpipe_prefill_chunks_total"].value == 3
+        queue.put(3, ("again", StepRequest(3, np.array(long[:40] + [9]), start=True), "s3", False))
+        assert wait_for(lambda: any(r[0] == "again" for r in sent))
+        (_, logits, error) = next(r for r in sent if r[0] == "again")
+        np.testing.assert_allclose(logits, last_logits(model, long[:40] + [9]), atol=TOL, rtol=0)
+        assert m["gptpipe_prefix_cache_queries_total"].value == 3 and m["gptpipe_prefix_cache_hits_total"].value == 1
+        assert m["gptpipe_prefix_cache_hit_tokens_total"].value == 32  # two blocks of 16
+    finally:
+        queue.close()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_a_lease_is_held_until_the_next_step_and_a_cancelled_one_frees_the_slot(repository) -> None:
+    from serving.engine.leases import Leases
+
+    class Sender:
+        def __init__(self, name):
+            self.name, self.cancelled, self.completed = name, False, False
+
+    engine, _ = engine_for(repository, answer=lambda request, logits, error: (request, error))
+    clock = [0.0]
+    engine.leases = Leases(complete=lambda s: setattr(s, "completed", True), cancelled=lambda s: s.cancelled,
+                           hold_s=5.0, clock=lambda: clock[0])
+    queue = StepQueue(wait_s=0.0)
+    finals: list = []
+    thread = threading.Thread(target=engine.serve, args=(queue,),
+                              kwargs=dict(send=lambda sender, response, final: finals.append((sender.name, final)),
+                                          failed=lambda request, error: (request, str(error))))
+    thread.start()
+    try:
+        first, second = Sender("start"), Sender("step")
+        queue.put(7, ("a", StepRequest(7, np.array([1, 2]), start=True), first, True))
+        assert wait_for(lambda: len(finals) == 1) and finals[0] == ("start", False) and not first.completed
+        queue.put(7, ("b", StepRequest(7, np.array([3])), second, True))
+        assert wait_for(lambda: len(finals) == 2) and first.completed and not second.completed
+        assert engine.scheduler.active == 1
+        second.cancelled = True  # the client's stream died
+        with engine.lock:
+            assert engine.leases.sweep(engine.scheduler) == [7]
+        assert engine.scheduler.active == 0 and second.completed and len(engine.leases) == 0
+        # a lease held past hold_s is ended (shutdown waits for open requests), the slot kept
+        third = Sender("other")
+        queue.put(8, ("c", StepRequest(8, np.array([1]), start=True), third, True))
+        assert wait_for(lambda: len(finals) == 3)
+        clock[0] += 6.0
+        with engine.lock:
+            assert engine.leases.sweep(engine.scheduler) == []
+        assert third.completed and engine.scheduler.active == 1
+    finally:
+        queue.close()
+        thread.join(timeout=30)

@@ -43,7 +43,7 @@ def exported(hf_checkpoint, tmp_path_factory):
     _, folder = hf_checkpoint
     out = tmp_path_factory.mktemp("out") / "repo"
     result = runner.invoke(app, ["--model", str(folder), "--precision", "fp32", "--output", str(out),
-                                 "--max-batch-size", "4"])
+                                 "--max-batch-size", "4", "--no-prefix-cache", "--max-num-batched-tokens", "32"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -58,6 +58,8 @@ def test_transformers_checkpoint_end_to_end(hf_checkpoint, exported):
     assert "validate against PyTorch" in output and "max |Δlogits|" in output
     configs = validate_repository(repo)
     assert configs["gpt"].max_batch_size == 4
+    params = {k: v.string_value for k, v in configs["gpt"].parameters.items()}
+    assert (params["prefix_cache"], params["max_num_batched_tokens"]) == ("0", "32")  # the flags, written
     # the served graph, run by the serving engine, equals transformers' own logits
     runtime = OrtRuntime(repo / "gpt" / "1" / "model.onnx")
     pool = runtime.new_pool(max_sequences=1, max_length=SHAPE["n_positions"])
@@ -114,6 +116,7 @@ def test_interrupted_export_leaves_the_previous_repository_intact(hf_checkpoint,
     (["--precision", "fp8"], "--precision must be one of fp32, fp16, int8"),
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["--max-step-wait-us", "-1"], "--max-step-wait-us must be >= 0"),
+    (["--max-num-batched-tokens", "-1"], "--max-num-batched-tokens must be >= 0"),
     (["--opset", "11"], "opset 11 is too old"),
     (["--model", "no-such-model"], "--model no-such-model"),
     (["--model", "tiny-random"], "has no tokenizer; pass --tokenizer"),

@@ -243,7 +243,7 @@ def test_triton_is_behind_a_headless_service_the_frontend_is_given(overlay: str)
     assert argv[:2] == ["gptpipe", "openai"]
     pairs = flag_pairs(argv)
     assert set(pairs) == {"--url", "--host", "--port", "--served-model-name", "--api-key"}
-    assert pairs["--url"] == f"gptpipe-triton:{ports['grpc']['port']}"
+    assert pairs["--url"] == f"dns:///gptpipe-triton:{ports['grpc']['port']}"  # routed, even with one pod now
     assert pairs["--api-key"] == "$(GPTPIPE_API_KEY)" and pairs["--host"] == "0.0.0.0"
     keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in frontend["env"] if "valueFrom" in e}
     assert keys == {"GPTPIPE_API_KEY": {"name": "gptpipe-keys", "key": "api-key"},

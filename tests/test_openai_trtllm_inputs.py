@@ -1,5 +1,10 @@
 """The `generate` model takes the inputs Triton's own OpenAI frontend sends TensorRT-LLM models
-(names and dtypes as that frontend sends them) and answers text_output + token counts."""
+(names and dtypes as that frontend sends them) and answers text_output + token counts.
+
+One deviation: `max_tokens` is INT64 here, not TensorRT-LLM's INT32. Triton's HTTP generate
+extension casts a JSON number to the declared type before the model sees it, and an INT32 input
+wraps silently (`max_tokens: 4294967300` arrived as 4, issue 14); INT64 keeps the value, so the
+model can refuse it. A client that sends INT32 gets Triton's datatype error naming the input."""
 
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def _trtllm_request(**overrides):
     values = {
         "text_input": np.array([PROMPT.encode()], dtype=np.object_),
         "stream": np.array([False]),
-        "max_tokens": np.array([6], dtype=np.int32),
+        "max_tokens": np.array([6], dtype=np.int64),
         "stop_words": np.array([b"zzzz-never"], dtype=np.object_),
         "temperature": np.array([0.0], dtype=np.float32),
         "top_p": np.array([1.0], dtype=np.float32),
@@ -82,8 +87,8 @@ def test_trtllm_penalty_is_checked_and_applied(served):
 
     with pytest.raises(InferenceServerException, match="presence_penalty must be in"):
         _infer(served, _trtllm_request(presence_penalty=np.array([3.0], dtype=np.float32)))
-    plain = _infer(served, _trtllm_request(max_tokens=np.array([12], dtype=np.int32)))[0]
-    penalised = _infer(served, _trtllm_request(max_tokens=np.array([12], dtype=np.int32),
+    plain = _infer(served, _trtllm_request(max_tokens=np.array([12], dtype=np.int64)))[0]
+    penalised = _infer(served, _trtllm_request(max_tokens=np.array([12], dtype=np.int64),
                                                frequency_penalty=np.array([2.0], dtype=np.float32)))[0]
     ids = penalised.as_numpy("output_ids").tolist()
     assert plain.as_numpy("output_ids").tolist() != ids  # greedy on a tiny model repeats; 2.0 breaks it

@@ -1,4 +1,4 @@
-"""serving.routing: endpoint parsing, rendezvous hashing (stable, minimal reshuffle), DNS
+"""serving.client.routing: endpoint parsing, rendezvous hashing (stable, minimal reshuffle), DNS
 resolution (the real resolver for 'localhost'; a resolver function whose answers change for the
 re-resolution rules), and health tracking against real HTTP ready endpoints."""
 
@@ -14,7 +14,7 @@ import time
 import pytest
 
 from serving.generation import ServerUnavailableError
-from serving.routing import (Router, grpc_ready_probe, http_ready_probe, parse_endpoints, rendezvous_order,
+from serving.client.routing import (Router, grpc_ready_probe, http_ready_probe, parse_endpoints, rendezvous_order,
                              resolve_addresses, tcp_probe)
 from tests.ready_servers import ready_server
 
@@ -83,7 +83,7 @@ def test_removing_an_endpoint_moves_only_its_own_sequences_and_adding_it_back_re
 
 def test_the_owner_is_the_same_in_another_process() -> None:
     """Not Python's salted hash(): another process (another PYTHONHASHSEED) agrees."""
-    code = ("from serving.routing import rendezvous_order; import sys; "
+    code = ("from serving.client.routing import rendezvous_order; import sys; "
             f"print(','.join(rendezvous_order(i, {THREE!r})[0] for i in range(50)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**__import__("os").environ, "PYTHONHASHSEED": "12345"}, check=True).stdout.strip()

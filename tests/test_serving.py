@@ -80,7 +80,8 @@ def test_the_repository_flavours(tmp_path):
     """In-flight batching (default): a decoupled `gpt` with the wait budget as a parameter, and
     generation_config.json says so (the generate model and clients read it); off: plain."""
     for options, decoupled in ((ServingOptions(max_step_wait_microseconds=1234), True),
-                               (ServingOptions(inflight_batching=False), False)):
+                               (ServingOptions(inflight_batching=False, prefix_cache=False,
+                                               max_num_batched_tokens=0), False)):
         repo = write_repository(tmp_path / str(decoupled), engine_file=_engine_stub(tmp_path), tokenizer_json="{}",
                                 model_config={"n_layer": 1, "n_head": 1, "n_embd": 4, "n_positions": 8,
                                               "vocab_size": 10, "eos_token_id": 0}, options=options)
@@ -90,10 +91,15 @@ def test_the_repository_flavours(tmp_path):
         if decoupled:
             assert config.parameters["max_step_wait_microseconds"].string_value == "1234"
         assert config.parameters["intra_op_spinning"].string_value == "0"  # the served engine does not spin
+        # on by default: the prefix cache, and chunks of 64 prompt tokens
+        assert config.parameters["prefix_cache"].string_value == ("1" if decoupled else "0")
+        assert config.parameters["max_num_batched_tokens"].string_value == ("64" if decoupled else "0")
         generation_config = json.loads((repo / tensors.TOKENIZER_MODEL / "1" / "generation_config.json").read_text())
         assert generation_config["inflight_batching"] is decoupled
     with pytest.raises(RepositoryError, match="max_step_wait_microseconds must be >= 0"):
         ServingOptions(max_step_wait_microseconds=-1)
+    with pytest.raises(RepositoryError, match="max_num_batched_tokens must be >= 0"):
+        ServingOptions(max_num_batched_tokens=-1)
 
 
 def _engine_stub(tmp_path):

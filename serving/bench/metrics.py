@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from serving.bench.stats import ratio
@@ -16,8 +16,9 @@ BATCHING_METRICS = ("nv_inference_count", "nv_inference_exec_count", "gptpipe_st
                     "gptpipe_runtime_calls_total", "gptpipe_batched_rows_total")
 
 
-def scrape_metrics(metrics_url: str, *, model: str = "gpt") -> dict[str, float]:
-    """The BATCHING_METRICS of `model` from Triton's Prometheus endpoint."""
+def scrape_metrics(metrics_url: str, *, model: str = "gpt",
+                   names: Sequence[str] = BATCHING_METRICS) -> dict[str, float]:
+    """The metrics `names` (default BATCHING_METRICS) of `model` from Triton's Prometheus endpoint."""
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
@@ -26,7 +27,7 @@ def scrape_metrics(metrics_url: str, *, model: str = "gpt") -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         name, brace, rest = line.partition("{")
-        if brace and name in BATCHING_METRICS and f'model="{model}"' in rest:
+        if brace and name in names and f'model="{model}"' in rest:
             out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
@@ -45,11 +46,11 @@ def batching_summary(before: Mapping[str, float], after: Mapping[str, float]) ->
     }
 
 
-def try_scrape(metrics_url: Optional[str]) -> Optional[dict[str, float]]:
+def try_scrape(metrics_url: Optional[str], *, names: Sequence[str] = BATCHING_METRICS) -> Optional[dict[str, float]]:
     if metrics_url is None:
         return None
     try:
-        return scrape_metrics(metrics_url)
+        return scrape_metrics(metrics_url, names=names)
     except OSError as e:  # the numbers are extra; the benchmark goes on without them
         logger.warning("could not read the server's metrics at %s: %s", metrics_url, e)
         return None

@@ -119,6 +119,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += _table(["concurrency", "step requests", "Triton executions", "requests/execution",
                        "ORT calls", "steps/ORT call"], rows)
     for title, key in (("8 streams vs 1, adjacent runs", "aggregate_pairs"), ("Context length", "context_itl"),
+                       ("Prefix cache (shared system prompt)", "prefix"),
                        ("Server", "server"), ("int8", "int8"),
                        ("OpenAI frontend vs direct gRPC client, paired rounds", "openai"),
                        ("aiperf against the frontend, beside gptpipe bench", "aiperf")):

@@ -14,7 +14,10 @@ from serving.bench.levels import bench_levels, warm_up
 from serving.bench.probes import machine_info
 from serving.bench.progress import NoProgress, Progress
 from serving.bench.served import MODES, Mode, ServedGenerator, local_server, read_repository
+from serving.bench.prefix import NEW_TOKENS, prefix_scenario
 from serving.bench.stats import random_prompts
+
+SCENARIOS: tuple[str, ...] = ("levels", "prefix")
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,15 @@ class BenchOptions:
     baseline_requests: int = 3
     checkpoint: Optional[str] = None  # weights for the PyTorch baselines; None: the manifest's source
     seed: int = 0
+    # levels: closed-loop concurrency levels; prefix: requests sharing a system prompt of
+    # prompt_tokens tokens (+ 16 new ones each) against the prefix cache (serving/bench/prefix.py)
+    scenario: str = "levels"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
         if not self.concurrency or any(not isinstance(c, int) or c < 1 for c in self.concurrency):
             raise ValueError(f"concurrency must be a non-empty list of ints >= 1, got {self.concurrency!r}")
         if len(set(self.concurrency)) != len(self.concurrency):
@@ -67,9 +75,12 @@ def check_fits(*, prompt_tokens: int, output_tokens: int, n_positions: int, conc
 def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> dict[str, Any]:
     """Served levels (and the baselines) -> the report dict that write_report writes."""
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    prefix = options.scenario == "prefix"
+    # the prefix scenario's prompts: the shared system prompt and 16 new tokens
+    prompt_tokens = options.prompt_tokens + (NEW_TOKENS if prefix else 0)
     served = read_repository(options.repository) if (options.url is None or options.baselines) else None
     if served is not None:
-        check_fits(prompt_tokens=options.prompt_tokens, output_tokens=options.output_tokens,
+        check_fits(prompt_tokens=prompt_tokens, output_tokens=options.output_tokens,
                    n_positions=served.config["n_positions"], concurrency=options.concurrency,
                    max_sequences=served.max_sequences)
     errors: list[str] = []
@@ -78,13 +89,25 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
         probe = ServedGenerator(url, mode=options.mode)
         config = probe.config
         probe.close()
-        check_fits(prompt_tokens=options.prompt_tokens, output_tokens=options.output_tokens,
+        check_fits(prompt_tokens=prompt_tokens, output_tokens=options.output_tokens,
                    n_positions=config.n_positions)
         progress.start("warm-up", 1)
         warm_up(url, mode=options.mode, prompt_tokens=options.prompt_tokens, concurrency=min(options.concurrency))
         progress.advance()
         batching: dict[str, Any] = {}
-        levels = bench_levels(url, mode=options.mode, concurrency=sorted(options.concurrency),
+        extra: dict[str, Any] = {}
+        if prefix:
+            generator = ServedGenerator(url, mode=options.mode)
+            try:
+                extra["prefix"] = prefix_scenario(
+                    generator, vocab_size=config.vocab_size, system_tokens=options.prompt_tokens,
+                    output_tokens=options.output_tokens, requests=options.requests or 6, seed=options.seed,
+                    concurrency=max(options.concurrency), progress=progress,
+                    make_generator=lambda: ServedGenerator(url, mode=options.mode),
+                    metrics_url=getattr(server, "metrics_url", None))
+            finally:
+                generator.close()
+        levels = [] if prefix else bench_levels(url, mode=options.mode, concurrency=sorted(options.concurrency),
                               prompt_tokens=options.prompt_tokens, output_tokens=options.output_tokens,
                               requests_for=options.requests_for, vocab_size=config.vocab_size,
                               seed=options.seed, progress=progress,
@@ -107,13 +130,15 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
             "requests": {str(c): options.requests_for(c) for c in sorted(options.concurrency)},
             "threads": threads,
             "seed": options.seed,
+            "scenario": options.scenario,
         },
         "levels": [s.to_dict() for s, _ in levels],
         "batching": batching,
         "baselines": {},
         "errors": errors,
+        **extra,
     }
-    if options.baselines and served is not None:
+    if options.baselines and served is not None and not prefix:
         # the first requests of level 1, so the baselines' greedy tokens can be compared with the served ones
         prompts = random_prompts(options.requests_for(1), options.prompt_tokens, vocab_size=config.vocab_size,
                                  seed=options.seed + 1)[: options.baseline_requests]

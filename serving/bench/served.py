@@ -74,7 +74,7 @@ class ServedGenerator:
                             repetition_penalty=1.0, stop=(), seed=0, stream=True, mode="server",
                             return_logprobs=False)
         inputs = _generate_inputs(generation, request)
-        inputs["end_id"] = np.asarray([-1], dtype=np.int32)  # never stop early
+        inputs["end_id"] = np.asarray([-1], dtype=np.int64)  # never stop early (generate's integers are INT64)
         return _grpc_server_events(self.client.url, self.client.generate_model, inputs, self.client.timeout_s)
 
     def close(self) -> None:

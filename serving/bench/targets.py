@@ -32,6 +32,7 @@ from serving.bench.levels import aggregate_pairs, bench_levels, context_itl, war
 from serving.bench.numbered_tokenizer import numbered_tokenizer_json
 from serving.bench.ort_loop import AGREEMENT_NEW_TOKENS, OrtLoop, int8_agreement
 from serving.bench.perf_analyzer import run_perf_analyzer
+from serving.bench.prefix import prefix_scenario
 from serving.bench.probes import RssSampler, machine_info
 from serving.bench.procs import project_root
 from serving.bench.progress import NoProgress, Progress, timed
@@ -49,7 +50,13 @@ TARGETS: tuple[tuple[str, str, float, str], ...] = (
     ("served_vs_ort_inprocess", ">=", 0.85, "served tokens/s / in-process ONNX Runtime loop tokens/s"),
     ("served_vs_bandwidth_limit", ">=", 0.6, "served tokens/s / memory-bandwidth-limit tokens/s"),
     ("itl_ctx1000_vs_ctx100", "<=", 1.3, "served ITL at context ~1000 / at context ~100"),
-    ("aggregate_8_vs_1", ">=", 4.0, "aggregate tokens/s, 8 concurrent streams / 1 stream"),
+    ("aggregate_8_vs_1", ">=", 4.5, "aggregate tokens/s, 8 concurrent streams / 1 stream"),
+    ("ttft_p90_8_vs_p50_1", "<=", 2.5, "TTFT p90 at 8 concurrent streams / TTFT p50 at 1 stream"),
+    ("itl_p99_vs_p50_8", "<=", 2.0, "ITL p99 / ITL p50, both at 8 concurrent streams"),
+    ("ttft_cached_prefix_vs_uncached", "<=", 0.2, "TTFT, 512 cached prefix tokens + 16 new / the same length "
+                                                   "uncached (paired)"),
+    ("prefix_greedy_identical", ">=", 1.0, "1 when greedy tokens of a prompt served from the prefix cache are "
+                                           "those of its uncached run"),
     ("int8_vs_fp32", ">=", 1.7, "int8 served tokens/s / fp32 served tokens/s (gpt2 shape)"),
     ("start_to_ready_s", "<=", 20.0, "server start to ready, seconds (gpt2 shape)"),
     ("rss_vs_weights_kv", "<=", 1.5, "server peak RSS (+ stubs) / (weight bytes + KV pool bytes)"),
@@ -180,6 +187,17 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         finally:
             gen.close()
         save_partial()
+        def prefix() -> dict[str, Any]:
+            gen = ServedGenerator(url, mode=mode)
+            try:
+                return prefix_scenario(gen, vocab_size=vocab, progress=progress, metrics_url=server.metrics_url,
+                                       make_generator=lambda: ServedGenerator(url, mode=mode),
+                                       concurrency=max(options.concurrency))
+            finally:
+                gen.close()
+
+        report["prefix"] = _attempt("prefix scenario", prefix, errors) or {}
+        save_partial()
         if perf_analyzer:
             progress.start("perf_analyzer: gpt (sequences), generate (streaming)", 1)
             report["perf_analyzer"] = run_perf_analyzer(
@@ -294,6 +312,10 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "itl_ctx1000_vs_ctx100": ctx["served"]["ratio_p50"],
         "aggregate_8_vs_1": report["aggregate_pairs"]["ratio"] if "aggregate_pairs" in report else
         ratio(eight["aggregate_tokens_per_s"] if eight else None, one["aggregate_tokens_per_s"] if one else None),
+        "ttft_p90_8_vs_p50_1": ratio(eight["ttft_ms"]["p90"] if eight else None, one["ttft_ms"]["p50"] if one else None),
+        "itl_p99_vs_p50_8": ratio(eight["itl_ms"]["p99"] if eight else None, eight["itl_ms"]["p50"] if eight else None),
+        "ttft_cached_prefix_vs_uncached": report["prefix"].get("ttft_ratio"),
+        "prefix_greedy_identical": float(report["prefix"]["greedy_identical"]) if report["prefix"] else None,
         "int8_vs_fp32": ratio(int8_one.get("tokens_per_s_per_stream"), served_tps),
         "start_to_ready_s": start_to_ready,
         "rss_vs_weights_kv": ratio(float(peak_rss), float(fp32.weight_bytes + fp32.kv_pool_bytes)),
@@ -311,6 +333,11 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "aggregate_8_vs_1: aggregate tokens/s = all new tokens of a run (prefills included) / its wall time; the "
         "ratio is the median of three ratios of adjacent runs (aggregate_pairs: the levels' 8-stream run, then "
         "1, 8 and 1 streams on the same prompts).",
+        "ttft_p90_8_vs_p50_1 and itl_p99_vs_p50_8 come from the levels (1 and 8 streams, client-side loop).",
+        "ttft_cached_prefix_vs_uncached: the prefix scenario (serving/bench/prefix.py), one stream: a 512-token "
+        "system prompt + 16 new tokens, its system blocks cached, against a never-seen 528-token prompt, in "
+        "alternating order; the median of the per-pair ratios. prefix_greedy_identical: each never-seen prompt "
+        "sent again (now cached) gives the greedy tokens of its first run.",
         "int8_greedy_agreement: demo model (trained), free-running greedy continuations of "
         f"{len(AGREEMENT_PROMPTS)} fixed prompts, {AGREEMENT_NEW_TOKENS} new tokens each, position by position, "
         "in the serving engine in process (the served path gives the engine's tokens); the teacher-forced "

@@ -37,7 +37,14 @@ The modules, in the order a call goes through them (each imports only those abov
   ``transport_http``, ``transport_async_http``: connections, the step model's config, the
   tokenizer files, server-mode streams;
 * ``streams``: the iterators of text deltas that ``stream=True`` returns;
+* ``routing``: which replica serves a sequence (rendezvous hashing, DNS, health);
+* ``failover``: several endpoints: a transport each, a replica per sequence, re-prefill on
+  another replica when one fails;
 * ``base``, ``sync_client``, ``async_client``: :class:`Client` and :class:`AsyncClient`.
+
+Several Triton replicas: ``Client(["host-a:8001", "host-b:8001"])``, ``Client("a:8001,b:8001")``
+or a name that resolves to several addresses (a Kubernetes headless Service); see
+``serving.client.failover``.
 """
 
 from __future__ import annotations

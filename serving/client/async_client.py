@@ -9,6 +9,13 @@ from typing import Optional, Union
 
 from serving import tensors
 from serving.client.base import _TOKENIZER_FILES, _ClientBase
+from serving.client.failover import (
+    Endpoints,
+    _async_failover_server_events,
+    _async_failover_step,
+    _atagged,
+    _none_answered,
+)
 from serving.client.request import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -29,17 +36,31 @@ from serving.generation import Generation, GenerationResult, GptpipeError, Token
 class AsyncClient(_ClientBase):
     """The asyncio client. ``await client.generate(...)`` gives a GenerationResult (a list for
     several prompts, run concurrently); ``client.generate(..., stream=True)`` is an async
-    iterator of text deltas. Arguments are validated when generate() is called."""
+    iterator of text deltas. Arguments are validated when generate() is called. url and
+    failover: one Triton or several replicas, as for :class:`serving.Client`."""
 
-    def __init__(self, url: Optional[str] = None, protocol: Protocol_ = "grpc", model: str = tensors.GPT_MODEL,
+    def __init__(self, url: Optional[Endpoints] = None, protocol: Protocol_ = "grpc", model: str = tensors.GPT_MODEL,
                  tokenizer: Union[str, Path, None] = None, *, generate_model: str = tensors.GENERATE_MODEL,
                  tokenizer_model: str = tensors.TOKENIZER_MODEL, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S) -> None:
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S, failover: Optional[bool] = None) -> None:
         super().__init__(url, protocol, model, tokenizer, generate_model=generate_model,
-                         tokenizer_model=tokenizer_model, timeout_s=timeout_s, queue_timeout=queue_timeout)
-        transport = _AsyncGrpcTransport if self.protocol == "grpc" else _AsyncHttpTransport
-        self._transport = transport(self.url, model, self.timeout_s)
+                         tokenizer_model=tokenizer_model, timeout_s=timeout_s, queue_timeout=queue_timeout,
+                         failover=failover)
         self._async_setup_lock: Optional[asyncio.Lock] = None
+
+    def _new_transport(self, endpoint: str):
+        transport = _AsyncGrpcTransport if self.protocol == "grpc" else _AsyncHttpTransport
+        return transport(endpoint, self.model, self.timeout_s)
+
+    async def _ask(self, call):
+        """await call(transport) on the one URL, or on the first healthy replica that answers."""
+        errors: list[str] = []
+        for endpoint in self._replicas.setup_order():
+            try:
+                return await call(self._replicas.transport(endpoint))
+            except GptpipeError as e:
+                self._replicas.not_answering(endpoint, errors, e)
+        raise _none_answered(errors)
 
     def _setup(self) -> None:
         if self._tokenizer is None or self._config is None:
@@ -57,7 +78,7 @@ class AsyncClient(_ClientBase):
             tokenizer, config = self._local_tokenizer()
             files = None
             if tokenizer is None or config is None:
-                files = await self._transport.infer_bytes(self.tokenizer_model, _TOKENIZER_FILES)
+                files = await self._ask(lambda t: t.infer_bytes(self.tokenizer_model, _TOKENIZER_FILES))
             self._keep(tokenizer, config, files)
 
     def generate(self, prompt: Union[str, list[str]], *, max_new_tokens: int = 64, temperature: float = 1.0,
@@ -95,7 +116,7 @@ class AsyncClient(_ClientBase):
 
     async def _check_step_model(self, request: _Request) -> None:
         if request.mode == "client" and self._step_model is None:
-            self._step_model = await self._transport.step_model(self.model)
+            self._step_model = await self._ask(lambda t: t.step_model(self.model))
 
     async def _stream_events(self, request: _Request) -> AsyncIterator[TokenEvent]:
         await self.setup()
@@ -131,11 +152,23 @@ class AsyncClient(_ClientBase):
 
     def _events(self, generation: Generation, request: _Request) -> AsyncIterator[TokenEvent]:
         if request.mode == "server":
-            return self._transport.server_events(self.generate_model, _generate_inputs(generation, request))
-        return agenerate_tokens(_async_with_busy_retry(self._sequence(generation), self.queue_timeout), generation)
+            inputs = _generate_inputs(generation, request)
+            if not self._replicas.routed:
+                return self._transport.server_events(self.generate_model, inputs)
+            return _async_failover_server_events(
+                self._route(), self._continuation(generation, request, inputs),
+                lambda url, i: self._replicas.transport(url).server_events(self.generate_model, i))
+        if not self._replicas.routed:
+            return agenerate_tokens(_async_with_busy_retry(self._sequence(generation), self.queue_timeout),
+                                    generation)
+        route = self._route()
+        step = _async_failover_step(route, generation, self._replica_sequence(generation, _async_with_busy_retry))
+        return _atagged(agenerate_tokens(step, generation), route)
 
     async def close(self) -> None:
-        await self._transport.close()
+        self._replicas.close_router()
+        for transport in self._replicas.transports():
+            await transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from serving import tensors
-from serving.client.request import DEFAULT_URLS, GenerationConfig, _check_protocol, _Request, _strip_scheme
+from serving.client.failover import Endpoints, _Continuation, _Replicas, _Route
+from serving.client.request import DEFAULT_URLS, GenerationConfig, _check_protocol, _Request
 from serving.client.step import _sequence_step, _StepModel
 from serving.generation import Generation, InvalidParameterError
+from serving.request_rules import check_max_new_tokens, check_prompt_bytes
 from serving.tokenizer import Tokenizer
 
 # what the server's `tokenizer` model sends: tokenizer.json and generation_config.json
@@ -17,12 +19,12 @@ _TOKENIZER_FILES = tuple(o.name for o in tensors.TOKENIZER_OUTPUTS)
 
 
 class _ClientBase:
-    _transport: Any  # set by the subclass: one of the transport_*.py classes
+    _transport: Any  # one URL: its transport (one of the transport_*.py classes); several: None
 
-    def __init__(self, url: Optional[str], protocol: str, model: str, tokenizer: Union[str, Path, None], *,
-                 generate_model: str, tokenizer_model: str, timeout_s: float, queue_timeout: float) -> None:
+    def __init__(self, url: Optional[Endpoints], protocol: str, model: str, tokenizer: Union[str, Path, None], *,
+                 generate_model: str, tokenizer_model: str, timeout_s: float, queue_timeout: float,
+                 failover: Optional[bool] = None) -> None:
         self.protocol = _check_protocol(protocol)
-        self.url = _strip_scheme(url or DEFAULT_URLS[protocol])
         self.model = model
         self.generate_model = generate_model
         self.tokenizer_model = tokenizer_model
@@ -37,6 +39,22 @@ class _ClientBase:
         self._config: Optional[GenerationConfig] = None
         self._setup_lock = threading.Lock()
         self._step_model: Optional[_StepModel] = None  # the server's `gpt`: asked once, on first use
+        try:
+            self._replicas = _Replicas(url, DEFAULT_URLS[protocol], protocol, self._new_transport,
+                                       models=[model], failover=failover)
+        except ValueError as e:
+            raise InvalidParameterError(str(e)) from None
+        self.url = self._replicas.url  # the one "host:port", or the endpoints joined by ","
+        self._transport = None if self._replicas.routed else self._replicas.single()
+
+    def _new_transport(self, endpoint: str) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The Triton endpoints this client knows (resolved), healthy or not."""
+        router = self._replicas.router
+        return router.endpoints() if router is not None else [self.url]
 
     def _is_set_up(self) -> bool:
         return self._tokenizer is not None and self._config is not None
@@ -67,10 +85,15 @@ class _ClientBase:
         """Tokenize and validate every prompt (prompt length against the context).
         prompt_ids: token ids given instead of the (single) text prompt."""
         assert self._tokenizer is not None and self._config is not None
+        check_max_new_tokens(request.max_new_tokens, n_positions=self._config.n_positions)
         out = []
         for i, prompt in enumerate(request.prompts):
-            ids = prompt_ids if prompt_ids is not None else self._tokenizer.encode(prompt)
             try:
+                if prompt_ids is None:  # a prompt that cannot fit is refused before tokenizing
+                    check_prompt_bytes(prompt, n_positions=self._config.n_positions,
+                                       max_new_tokens=request.max_new_tokens,
+                                       max_token_bytes=self._tokenizer.max_token_bytes)
+                ids = prompt_ids if prompt_ids is not None else self._tokenizer.encode(prompt)
                 out.append(Generation(
                     ids, max_new_tokens=request.max_new_tokens, params=request.params,
                     n_positions=self._config.n_positions, vocab_size=self._config.vocab_size,
@@ -87,10 +110,29 @@ class _ClientBase:
         assert self._step_model is not None
         return _sequence_step(self._transport, self._step_model, generation)
 
+    def _route(self) -> _Route:
+        assert self._replicas.router is not None
+        return _Route(self._replicas.router)
+
+    def _replica_sequence(self, generation: Generation, busy_retry):
+        """new_step(endpoint, correlation_id) for serving.client.failover: a new sequence of
+        ``generation`` on that replica, its START retried while the replica is busy."""
+        assert self._step_model is not None
+        model = self._step_model
+
+        def new_step(endpoint: str, correlation_id: int):
+            step = _sequence_step(self._replicas.transport(endpoint), model, generation, correlation_id)
+            return busy_retry(step, self.queue_timeout)
+
+        return new_step
+
+    def _continuation(self, generation: Generation, request: _Request, inputs) -> _Continuation:
+        return _Continuation(generation, request, inputs, self._tokenizer)
+
     def _slots(self) -> int:
-        """Sequences one call runs at once: more than the server's slots would only be refused."""
+        """Sequences one call runs at once: more than the servers' slots would only be refused."""
         slots = self._config.max_sequences if self._config is not None else None
-        return slots or 1 << 30
+        return slots * len(self.endpoints) if slots else 1 << 30
 
     @property
     def tokenizer(self) -> Tokenizer:

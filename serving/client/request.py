@@ -15,6 +15,7 @@ from serving.generation import (
     check_stop,
     make_sampling_params,
 )
+from serving.request_rules import check_bool
 from serving.sampling import SamplingParams
 
 Protocol_ = Literal["grpc", "http"]
@@ -103,6 +104,8 @@ def _validate(prompt: Any, *, max_new_tokens: Any, temperature: Any, top_k: Any,
                                         ("" if single else f" (prompt[{i}])"))
     if mode not in ("client", "server"):
         raise InvalidParameterError(f"mode must be 'client' or 'server', got {mode!r}")
+    stream = check_bool("stream", stream)
+    return_logprobs = check_bool("return_logprobs", return_logprobs)
     if stream and not single:
         raise InvalidParameterError("stream=True takes one prompt (a string), not a list")
     return _Request(
@@ -113,7 +116,7 @@ def _validate(prompt: Any, *, max_new_tokens: Any, temperature: Any, top_k: Any,
                                     repetition_penalty=repetition_penalty, seed=seed,
                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty),
         stop=check_stop(stop),
-        stream=bool(stream),
+        stream=stream,
         mode=mode,
-        return_logprobs=bool(return_logprobs),
+        return_logprobs=return_logprobs,
     )

@@ -26,7 +26,6 @@ from serving.client.request import _new_correlation_id, _Request
 from serving.generation import (
     Generation,
     GptpipeError,
-    ServerError,
     ServerUnavailableError,
     TokenEvent,
 )
@@ -128,7 +127,7 @@ def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], tim
                 yield event
             if final is not None and final.bool_param:
                 if not finished:
-                    raise ServerError("the generate stream ended without a finish reason")
+                    raise _cut_short(url, "grpc")
                 return
     finally:
         try:
@@ -174,7 +173,14 @@ def _http_server_events(url: str, model: str, inputs: dict[str, np.ndarray], tim
             if isinstance(e, GptpipeError):
                 raise
             raise ServerUnavailableError(f"the generate stream from {url} (http) broke off: {e}") from None
-    raise ServerError("the generate stream ended without a finish reason")
+    raise _cut_short(url, "http")
+
+
+def _cut_short(url: str, protocol: str) -> ServerUnavailableError:
+    """A `generate` stream that ended without a finish reason: the server went away (an error,
+    a refusal or a shutdown comes as an error message instead)."""
+    return ServerUnavailableError(f"the generate stream from the Triton server at {url} ({protocol}) ended "
+                                  "without a finish reason: the server went away")
 
 
 _GENERATE_OUTPUT_NAMES = frozenset(spec.name for spec in tensors.GENERATE_OUTPUTS)

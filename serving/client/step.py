@@ -69,13 +69,14 @@ def _http_step_model(config: dict) -> _StepModel:
                       bool(config.get("model_transaction_policy", {}).get("decoupled", False)))
 
 
-def _sequence_step(transport: Any, model: _StepModel, generation: Generation):
+def _sequence_step(transport: Any, model: _StepModel, generation: Generation, correlation_id: Optional[int] = None):
     """The step function of one client-side generation. It asks `gpt` for the greedy token
     id instead of the logits when the logits would give nothing else (``argmax_only``) and
     the step model has that output (a repository exported before gptpipe added it does
-    not); it steps over a gRPC stream when the step model is decoupled (in-flight batching)."""
+    not); it steps over a gRPC stream when the step model is decoupled (in-flight batching).
+    correlation_id: the sequence's id (a new random one by default)."""
     argmax = generation.argmax_only and _OUTPUT_IDS.name in model.outputs
-    return transport.sequence(_new_correlation_id(), argmax=argmax, stream=model.decoupled)
+    return transport.sequence(correlation_id or _new_correlation_id(), argmax=argmax, stream=model.decoupled)
 
 
 def _step_output(argmax: bool):
@@ -98,7 +99,7 @@ def _no_http_stream(stream: bool) -> None:
 class _StepRequest:
     """The one ModelInferRequest of a sequence, reused for every step of it."""
 
-    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False) -> None:
+    def __init__(self, model: str, correlation_id: int, *, argmax: bool = False, lease: bool = False) -> None:
         from tritonclient.grpc import service_pb2
 
         req = service_pb2.ModelInferRequest(model_name=model)
@@ -108,6 +109,8 @@ class _StepRequest:
         self.output = _step_output(argmax)
         req.outputs.add().name = self.output.name
         req.parameters["sequence_id"].int64_param = correlation_id
+        if lease:  # over a stream: `gpt` frees the slot as soon as the stream dies
+            req.parameters[tensors.LEASE_PARAMETER].bool_param = True
         self._start = req.parameters["sequence_start"]
         self._end = req.parameters["sequence_end"]
         req.raw_input_contents.append(b"")
@@ -170,6 +173,13 @@ def _grpc_eof():
     return grpc.aio.EOF
 
 
+def grpc_errors() -> type:
+    """The exception type of a failed gRPC call (a status the server or the channel set)."""
+    import grpc
+
+    return grpc.RpcError
+
+
 def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, model: str, url: str,
                             timeout: float):
     """asyncio: the steps of one sequence over one ModelStreamInfer stream (a decoupled `gpt`: its
@@ -187,15 +197,21 @@ def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, m
             await call.write(request.set(tokens, start=start, end=end))
             response = await asyncio.wait_for(call.read(), step_timeout)
             if response is None or response is eof:
-                raise ServerError(f"the {model} stream ended without an answer")
+                raise ServerUnavailableError(f"the {model} stream from the Triton server at {url} (grpc) "
+                                             "ended without an answer: the server went away")
         except BaseException as e:
             call.cancel()
             call = None
             if isinstance(e, asyncio.TimeoutError):
                 error: BaseException = ServerUnavailableError(
                     f"no answer from the Triton server at {url} (grpc) within {step_timeout} s")
+            elif isinstance(e, grpc_errors()):
+                error = _stream_error(e, url, step_timeout, start=start)
             elif isinstance(e, Exception) and not isinstance(e, GptpipeError):
-                error = _grpc_error(e, url, step_timeout, start=start)
+                # e.g. grpc.aio's UsageError "RPC already finished", asyncio's InvalidStateError:
+                # the stream finished under us, the server went away
+                error = ServerUnavailableError(f"the {model} stream to the Triton server at {url} (grpc) "
+                                               f"broke off: {e}")
             else:
                 raise
             unreachable = isinstance(error, ServerUnavailableError)
@@ -208,6 +224,18 @@ def _async_grpc_stream_step(stub: Callable[[], Any], request: _StepRequest, *, m
         return request.output_of(response.infer_response)
 
     return step
+
+
+def _stream_error(e: Exception, url: str, timeout: float, *, start: bool) -> GptpipeError:
+    """A step stream's RPC failed. Triton answers a step's own errors on the stream (read
+    above); the RPC itself fails when the connection does: grpc's "Internal error from Core"
+    (INTERNAL) when a server dies under an open stream is an unreachable server too."""
+    import grpc
+
+    error = _grpc_error(e, url, timeout, start=start)
+    if type(error) is ServerError and isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.INTERNAL:
+        return ServerUnavailableError(f"the stream to the Triton server at {url} (grpc) broke off: {e.details()}")
+    return error
 
 
 def _threaded_step(loop: _LoopThread, astep: Callable[..., Any]):
@@ -292,6 +320,15 @@ class _Backoff:
         return delay
 
 
+def _end_refused(step, tokens):
+    """END the sequence whose START was refused as busy: Triton's sequence batcher took the START,
+    and a retry under the same id without END logs a "sequence conflict" warning per retry."""
+    try:
+        return step(tokens[-1:], start=False, end=True)
+    except GptpipeError:  # `gpt` answers that the sequence is not active: expected
+        return None
+
+
 def _with_busy_retry(step, queue_timeout: float):
     """START retried while the server is busy, up to queue_timeout seconds."""
     if queue_timeout <= 0:
@@ -305,6 +342,7 @@ def _with_busy_retry(step, queue_timeout: float):
             try:
                 return step(tokens, start=start, end=end)
             except ServerBusyError:
+                _end_refused(step, tokens)
                 delay = backoff.next()
                 if delay is None:
                     raise
@@ -326,6 +364,10 @@ def _async_with_busy_retry(step, queue_timeout: float):
             try:
                 return await step(tokens, start=start, end=end)
             except ServerBusyError:
+                try:
+                    await step(tokens[-1:], start=False, end=True)  # as _end_refused
+                except GptpipeError:
+                    pass
                 delay = backoff.next()
                 if delay is None:
                     raise

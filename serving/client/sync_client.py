@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from serving import tensors
 from serving.client.base import _TOKENIZER_FILES, _ClientBase
+from serving.client.failover import Endpoints, _failover_server_events, _failover_step, _none_answered, _tagged
 from serving.client.request import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -28,6 +29,7 @@ from serving.client.transport_http import _HttpTransport
 from serving.generation import (
     Generation,
     GenerationResult,
+    GptpipeError,
     InvalidParameterError,
     TokenEvent,
     collect,
@@ -38,7 +40,11 @@ from serving.generation import (
 class Client(_ClientBase):
     """A blocking client; thread-safe. See the docstring of serving.client.
 
-    url: "host:port" (default localhost:8001 for gRPC, localhost:8000 for HTTP);
+    url: "host:port" (default localhost:8001 for gRPC, localhost:8000 for HTTP), or several
+    Triton replicas: a list, "a:8001,b:8001", or a name that resolves to several addresses (a
+    headless Service; re-resolved): each sequence stays on one replica and moves to another,
+    re-prefilled, if its replica fails (serving.client.failover); failover: None decides by the
+    number of endpoints, True routes even one (a name that may resolve to more later);
     model: the step model; tokenizer: a local folder/file instead of the server's `tokenizer`
     model; timeout_s: the most one step (or, in server mode, one token) may take;
     queue_timeout: how long a START refused with "server busy" is retried (0: raise
@@ -46,17 +52,31 @@ class Client(_ClientBase):
     never more than the server has sequence slots).
     """
 
-    def __init__(self, url: Optional[str] = None, protocol: Protocol_ = "grpc", model: str = tensors.GPT_MODEL,
+    def __init__(self, url: Optional[Endpoints] = None, protocol: Protocol_ = "grpc", model: str = tensors.GPT_MODEL,
                  tokenizer: Union[str, Path, None] = None, *, generate_model: str = tensors.GENERATE_MODEL,
                  tokenizer_model: str = tensors.TOKENIZER_MODEL, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S, max_concurrency: int = 16) -> None:
-        super().__init__(url, protocol, model, tokenizer, generate_model=generate_model,
-                         tokenizer_model=tokenizer_model, timeout_s=timeout_s, queue_timeout=queue_timeout)
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S, max_concurrency: int = 16,
+                 failover: Optional[bool] = None) -> None:
         if max_concurrency < 1:
             raise InvalidParameterError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        super().__init__(url, protocol, model, tokenizer, generate_model=generate_model,
+                         tokenizer_model=tokenizer_model, timeout_s=timeout_s, queue_timeout=queue_timeout,
+                         failover=failover)
         self.max_concurrency = max_concurrency
+
+    def _new_transport(self, endpoint: str):
         transport = _GrpcTransport if self.protocol == "grpc" else _HttpTransport
-        self._transport = transport(self.url, model, self.timeout_s)
+        return transport(endpoint, self.model, self.timeout_s)
+
+    def _ask(self, call):
+        """call(transport) on the one URL, or on the first healthy replica that answers."""
+        errors: list[str] = []
+        for endpoint in self._replicas.setup_order():
+            try:
+                return call(self._replicas.transport(endpoint))
+            except GptpipeError as e:
+                self._replicas.not_answering(endpoint, errors, e)
+        raise _none_answered(errors)
 
     def _setup(self) -> None:
         if self._is_set_up():
@@ -67,7 +87,7 @@ class Client(_ClientBase):
             tokenizer, config = self._local_tokenizer()
             files = None
             if tokenizer is None or config is None:
-                files = self._transport.infer_bytes(self.tokenizer_model, _TOKENIZER_FILES)
+                files = self._ask(lambda t: t.infer_bytes(self.tokenizer_model, _TOKENIZER_FILES))
             self._keep(tokenizer, config, files)
 
     # -------------------------------------------------------------- public
@@ -111,7 +131,9 @@ class Client(_ClientBase):
         return self._events(generation, request)
 
     def close(self) -> None:
-        self._transport.close()
+        self._replicas.close_router()
+        for transport in self._replicas.transports():
+            transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -125,12 +147,24 @@ class Client(_ClientBase):
         if request.mode == "server":
             inputs = _generate_inputs(generation, request)
             run = _grpc_server_events if self.protocol == "grpc" else _http_server_events
-            return run(self.url, self.generate_model, inputs, self.timeout_s)
-        return generate_tokens(_with_busy_retry(self._client_step(generation), self.queue_timeout), generation)
+            if not self._replicas.routed:
+                return run(self.url, self.generate_model, inputs, self.timeout_s)
+            return _failover_server_events(self._route(), self._continuation(generation, request, inputs),
+                                           lambda url, i: run(url, self.generate_model, i, self.timeout_s))
+        if not self._replicas.routed:
+            return generate_tokens(_with_busy_retry(self._client_step(generation), self.queue_timeout), generation)
+        self._ask_step_model()
+        route = self._route()
+        step = _failover_step(route, generation, self._replica_sequence(generation, _with_busy_retry))
+        return _tagged(generate_tokens(step, generation), route)
+
+    def _ask_step_model(self) -> None:
+        if self._step_model is None:
+            self._step_model = self._ask(lambda t: t.step_model(self.model))
 
     def _client_step(self, generation: Generation):
-        if self._step_model is None:
-            self._step_model = self._transport.step_model(self.model)
+        """The step function of one client-side generation on the one URL (the bench uses it)."""
+        self._ask_step_model()
         return self._sequence(generation)
 
     def _run_many(self, generations: list[Generation], request: _Request) -> list[GenerationResult]:

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from serving.client.errors import _grpc_error, error_from_message
-from serving.client.server_mode import _event_from_outputs, _grpc_infer_inputs, _outputs_of
+from serving.client.keys import admin_metadata
+from serving.client.server_mode import _cut_short, _event_from_outputs, _grpc_infer_inputs, _outputs_of
 from serving.client.step import (
     _async_grpc_step,
     _async_grpc_stream_step,
@@ -18,7 +19,7 @@ from serving.client.step import (
     _StepModel,
     _StepRequest,
 )
-from serving.generation import ServerError, ServerUnavailableError, TokenEvent
+from serving.generation import ServerUnavailableError, TokenEvent
 
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
@@ -44,7 +45,7 @@ class _AsyncGrpcTransport:
 
     def sequence(self, correlation_id: int, *, argmax: bool = False, stream: bool = False):
         """async step(tokens, start=, end=) (see serving.client.step); stream: over a gRPC stream."""
-        request = _StepRequest(self.model, correlation_id, argmax=argmax)
+        request = _StepRequest(self.model, correlation_id, argmax=argmax, lease=stream)
         if stream:
             return _async_grpc_stream_step(self._ensure, request, model=self.model, url=self.url,
                                            timeout=self.timeout)
@@ -55,7 +56,8 @@ class _AsyncGrpcTransport:
 
         try:
             response = await self._ensure().ModelConfig(service_pb2.ModelConfigRequest(name=model),
-                                                        timeout=self.timeout)
+                                                        timeout=self.timeout,
+                                                        metadata=admin_metadata())
         except Exception as e:
             raise _grpc_error(e, self.url, self.timeout) from None
         return _grpc_step_model(response)
@@ -98,7 +100,7 @@ class _AsyncGrpcTransport:
                     raise _grpc_error(e, self.url, self.timeout) from None
                 if response is None or response is _grpc_eof():
                     if not finished:
-                        raise ServerError("the generate stream ended without a finish reason")
+                        raise _cut_short(self.url, "grpc")
                     return
                 if response.error_message:
                     raise error_from_message(response.error_message)

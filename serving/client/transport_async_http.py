@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from serving.client.errors import _tritonclient_error
+from serving.client.keys import admin_headers
 from serving.client.server_mode import _http_server_events
 from serving.client.step import _async_http_step, _http_step_model, _no_http_stream, _StepModel
 from serving.generation import ServerUnavailableError, TokenEvent
@@ -37,7 +38,8 @@ class _AsyncHttpTransport:
 
     async def step_model(self, model: str) -> _StepModel:
         try:
-            config = await asyncio.wait_for(self._ensure().get_model_config(model), self.timeout)
+            config = await asyncio.wait_for(self._ensure().get_model_config(model, headers=admin_headers()),
+                                            self.timeout)
         except asyncio.TimeoutError:
             raise ServerUnavailableError(f"no answer from the Triton server at {self.url} (http) "
                                          f"within {self.timeout} s") from None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from serving.client.errors import _grpc_error, _tritonclient_error
+from serving.client.keys import admin_metadata
 from serving.client.loop_thread import _LoopThread, _stream_loop
 from serving.client.step import _grpc_step, _grpc_step_model, _StepModel, _StepRequest, _threaded_step
 from serving.client.transport_async_grpc import _CHANNEL_OPTIONS, _AsyncGrpcTransport
@@ -47,7 +48,8 @@ class _GrpcTransport:
         from tritonclient.grpc import service_pb2
 
         try:
-            response = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.timeout)
+            response = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.timeout,
+                                              metadata=admin_metadata())
         except Exception as e:  # grpc.RpcError
             raise _grpc_error(e, self.url, self.timeout) from None
         return _grpc_step_model(response)

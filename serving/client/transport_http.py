@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from serving.client.errors import _tritonclient_error
+from serving.client.keys import admin_headers
 from serving.client.step import _http_step, _http_step_model, _no_http_stream, _StepModel
 
 
@@ -40,7 +41,7 @@ class _HttpTransport:
 
     def step_model(self, model: str) -> _StepModel:
         try:
-            config = self._client().get_model_config(model)
+            config = self._client().get_model_config(model, headers=admin_headers())
         except Exception as e:
             raise _tritonclient_error(e, self.url, "http") from None
         return _http_step_model(config)

@@ -27,6 +27,9 @@ OutOption = Annotated[Path, typer.Option("--out", help="Folder for bench.json, b
 EndpointOption = Annotated[str, typer.Option(
     "--endpoint", help="grpc: the direct client; openai: the OpenAI frontend paired with the direct client "
     "(openai_vs_grpc_c<N> ratios; aiperf beside it when .venv-aiperf exists).")]
+ScenarioOption = Annotated[str, typer.Option(
+    "--scenario", help="levels: closed-loop concurrency levels; prefix: requests sharing a system prompt of "
+                       "--prompt-tokens tokens (+16 new each), TTFT with the prefix cache vs without (paired)")]
 SuiteOption = Annotated[Optional[str], typer.Option(
     "--suite", help="targets: export gpt2-random (fp32, int8) and demo, serve, bench, check the targets.")]
 
@@ -73,6 +76,7 @@ def bench(
     out: OutOption = Path("bench-out"),
     suite: SuiteOption = None,
     endpoint: EndpointOption = "grpc",
+    scenario: ScenarioOption = "levels",
 ) -> None:
     """Benchmark a gptpipe server: per concurrency level, time to first token (p50/p90/p99),
     inter-token latency (p50/p99), tokens/s per stream and in aggregate, requests/s; plus
@@ -81,6 +85,8 @@ def bench(
     Example: gptpipe bench --repository model_repository --concurrency 1,4 --out bench-out
 
     Example: gptpipe bench --url localhost:8001 --mode server --no-baselines
+
+    Example: gptpipe bench --scenario prefix --prompt-tokens 512 --output-tokens 8 --out bench-prefix
 
     Example: gptpipe bench --suite targets --out bench-out
 
@@ -100,10 +106,16 @@ def bench(
     levels = parse_concurrency(concurrency)
     if endpoint not in ("grpc", "openai"):
         raise typer.BadParameter(f"{endpoint!r}: choose grpc or openai", param_hint="--endpoint")
+    if endpoint == "openai" and scenario != "levels":
+        raise typer.BadParameter("--endpoint openai runs concurrency levels only", param_hint="--scenario")
     if endpoint == "openai" and suite is not None:
         raise typer.BadParameter("--suite targets measures the gRPC paths; drop --endpoint openai",
                                  param_hint="--endpoint")
+    if scenario not in ("levels", "prefix"):
+        raise typer.BadParameter(f"{scenario!r}: choose levels or prefix", param_hint="--scenario")
     if suite is not None:
+        if scenario != "levels":
+            raise typer.BadParameter("--suite targets runs every scenario itself", param_hint="--scenario")
         if suite != "targets":
             raise typer.BadParameter(f"{suite!r}: the only suite is 'targets'", param_hint="--suite")
         if url is not None:
@@ -137,7 +149,8 @@ def bench(
             else:
                 options = BenchOptions(url=url, repository=repository, mode=mode, concurrency=levels,
                                        prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                                       requests=requests, baselines=baselines, checkpoint=checkpoint)
+                                       requests=requests, baselines=baselines, checkpoint=checkpoint,
+                                       scenario=scenario)
                 report = run_bench(options, progress=progress)
         paths = write_report(report, out)
     except ValueError as e:  # bad options found once the model is known (context length, slots)

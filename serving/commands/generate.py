@@ -11,7 +11,8 @@ import typer
 from serving.generation import GptpipeError
 
 UrlOption = Annotated[Optional[str], typer.Option(
-    "--url", help="Server address host:port (default localhost:8001 for grpc, localhost:8000 for http).")]
+    "--url", help="Server address host:port (default localhost:8001 for grpc, localhost:8000 for http), or "
+    "several replicas: a:8001,b:8001 or dns:///name:8001 (each sequence on one; moved if it fails).")]
 ProtocolOption = Annotated[str, typer.Option("--protocol", help="grpc or http.")]
 MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", help="New tokens at most (>= 1).")]
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]

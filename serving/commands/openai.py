@@ -11,7 +11,9 @@ DEFAULT_PORT = 9000
 
 
 def openai(
-    url: Annotated[str, typer.Option("--url", help="Triton's gRPC address, HOST:PORT.")] = "localhost:8001",
+    url: Annotated[str, typer.Option("--url", help="Triton's gRPC address, HOST:PORT, or several replicas: "
+                                     "a:8001,b:8001 or dns:///name:8001 (each sequence on one; moved if it "
+                                     "fails).")] = "localhost:8001",
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 exposes it to the network.")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="HTTP port.")] = DEFAULT_PORT,

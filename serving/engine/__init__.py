@@ -1,7 +1,8 @@
 """The engine on the server: what the `gpt` model runs, in the order a step flows through it.
 
 - step.py: the per-step hot path (gather the queued steps -> scheduler -> runtime.step -> respond)
-- scheduler.py: batches many sequences' steps into runtime calls; StepQueue (in-flight batching)
+- scheduler.py: batches many sequences' steps into runtime calls, chunked prefill; StepQueue (in-flight batching)
+- prefix_cache.py: `PrefixCache`, KV of earlier prompts' blocks reused by new sequences
 - loader.py: `load_runtime`, the runtime for an engine file by its suffix
 - runtime.py: `OrtRuntime` (ONNX Runtime, the static in-place KV cache)
 - runtime_trt.py: `TrtRuntime` (TensorRT engine, GPU); paged.py: its step logic over any engine;

@@ -15,13 +15,19 @@ Two flavours, chosen by the config's transaction policy:
   queues each step with its response sender and returns; one thread runs `StepEngine.serve`.
   Before each call it waits, up to `max_step_wait_microseconds`, for every sequence of the
   previous call that is still active to send its next step, so N concurrent streams step
-  together in one call. Clients reach a decoupled model over a gRPC stream.
+  together in one call. Clients reach a decoupled model over a gRPC stream. A step may ask to
+  keep its request open as the sequence's lease (serving/engine/leases.py): a dead client's
+  slot is then freed as soon as Triton reports its stream gone.
+
+`StepEngine.watch` (a thread in either flavour) frees dead clients' and idle sequences' slots
+and refreshes the pool gauges without waiting for traffic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -29,7 +35,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from serving.engine.kv_cache import KVPool
+from serving.engine.leases import WATCH_INTERVAL_S, Leases
 from serving.engine.loader import load_runtime
+from serving.engine.prefix_cache import PrefixCache
 from serving.engine.scheduler import BUSY_PREFIX, Scheduler, StepQueue, StepRequest
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,8 @@ class EngineConfig:
     spinning: bool
     idle_timeout_s: float
     max_step_wait_s: float
+    prefix_cache: bool = True  # reuse the KV of cached prompt prefixes (serving/engine/prefix_cache.py)
+    max_num_batched_tokens: int = 0  # prompt tokens per engine call (chunked prefill); 0: whole prompts
 
     @classmethod
     def from_triton(cls, config: Mapping[str, Any], version_dir: Path) -> EngineConfig:
@@ -80,6 +90,8 @@ class EngineConfig:
             spinning=params.get("intra_op_spinning", "0") == "1",
             idle_timeout_s=idle_us / 1e6,
             max_step_wait_s=int(params.get("max_step_wait_microseconds") or 0) / 1e6,
+            prefix_cache=params.get("prefix_cache", "1") == "1",
+            max_num_batched_tokens=int(params.get("max_num_batched_tokens") or 0),
         )
 
 
@@ -97,8 +109,18 @@ class StepMetrics:
             "batched_rows": make("counter", "gptpipe_batched_rows_total", "Rows run in multi-row decode calls"),
             "busy_rejections": make("counter", "gptpipe_busy_rejections_total", "STARTs refused: pool full"),
             "sequences_idled_out": make("counter", "gptpipe_idled_out_total", "Sequences freed by the idle timeout"),
+            "prefill_chunks": make("counter", "gptpipe_prefill_chunks_total",
+                                   "Prompt chunks run with more of their prompt left (chunked prefill)"),
         }
-        self._last = dict.fromkeys(self._counters, 0)
+        self._prefix = {  # counter -> the prefix cache stat it follows
+            "queries": make("counter", "gptpipe_prefix_cache_queries_total", "Prompts looked up in the prefix cache"),
+            "hits": make("counter", "gptpipe_prefix_cache_hits_total", "Prompts that reused cached prefix blocks"),
+            "query_tokens": make("counter", "gptpipe_prefix_cache_query_tokens_total",
+                                 "Prompt tokens looked up in the prefix cache"),
+            "hit_tokens": make("counter", "gptpipe_prefix_cache_hit_tokens_total",
+                               "Prompt tokens whose KV came from the prefix cache"),
+        }
+        self._last = dict.fromkeys([*self._counters, *self._prefix], 0)
         self._free.set(free_slots)
 
     def update(self, scheduler: Scheduler, n_requests: int) -> None:
@@ -106,9 +128,13 @@ class StepMetrics:
         self._active.set(scheduler.active)
         self._free.set(scheduler.free_slots)
         self._max_rows.set(s.max_rows_in_call)
-        self._requests.increment(n_requests)
-        for key, metric in self._counters.items():
-            now = getattr(s, key)
+        if n_requests:  # an iteration that only ran prompt chunks received none
+            self._requests.increment(n_requests)
+        follow = [(key, metric, s) for key, metric in self._counters.items()]
+        if scheduler.prefix_cache is not None:
+            follow += [(key, metric, scheduler.prefix_cache.stats) for key, metric in self._prefix.items()]
+        for key, metric, stats in follow:
+            now = getattr(stats, key)
             if now > self._last[key]:
                 metric.increment(now - self._last[key])
             self._last[key] = now
@@ -130,44 +156,99 @@ class StepEngine:
             max_length=c["n_positions"],
             dtype=self.runtime.kv_dtype,
         )
+        # the prefix cache copies pool rows: the in-place (static) pool only
+        cache = PrefixCache(self.pool) if config.prefix_cache and self.runtime.kv_cache == "static" else None
         self.scheduler = Scheduler(self.runtime, self.pool, vocab_size=c["vocab_size"],
-                                   idle_timeout_s=config.idle_timeout_s)
+                                   idle_timeout_s=config.idle_timeout_s, prefix_cache=cache,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
         self.metrics = StepMetrics(make_metric, free_slots=self.pool.max_sequences)
+        self.lock = threading.RLock()  # the scheduler, the leases, the metrics: engine thread vs watcher
+        self.leases: Optional[Leases] = None  # set by a decoupled adapter
+
+    def watch(self, stop: threading.Event, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Until ``stop``: free the slots of dead clients (leases) and idle sequences, and bring
+        the gauges up to date, every ``interval_s``."""
+        while not stop.wait(interval_s):
+            try:
+                with self.lock:
+                    if self.leases is not None:
+                        self.leases.sweep(self.scheduler)
+                    self.scheduler.free_idle()
+                    self.metrics.update(self.scheduler, 0)
+            except Exception:  # noqa: BLE001 - the watcher must keep watching
+                logger.exception("gpt watcher failed")
 
     def run(self, requests: Sequence[Any], steps: Sequence[Step]) -> list[Any]:
         """Run one batch of requests, parsed into steps (or error messages); their responses,
         in order."""
-        valid = [s for s in steps if not isinstance(s, str)]
-        results = iter(self.scheduler.step(valid))
-        responses = []
-        for request, step in zip(requests, steps):
-            if isinstance(step, str):
-                responses.append(self.answer(request, None, step))
-            else:
-                result = next(results)
-                responses.append(self.answer(request, result.logits, result.error))
-        self.metrics.update(self.scheduler, len(requests))
-        return responses
+        with self.lock:
+            valid = [s for s in steps if not isinstance(s, str)]
+            results = iter(self.scheduler.step(valid))
+            responses = []
+            for request, step in zip(requests, steps):
+                if isinstance(step, str):
+                    responses.append(self.answer(request, None, step))
+                else:
+                    result = next(results)
+                    responses.append(self.answer(request, result.logits, result.error))
+            self.metrics.update(self.scheduler, len(requests))
+            return responses
 
-    def serve(self, queue: StepQueue, *, send: Callable[[Any, Any], None],
+    def serve(self, queue: StepQueue, *, send: Callable[[Any, Any, bool], None],
               failed: Callable[[Any, Exception], Any]) -> None:
         """The in-flight batching thread: until the queue closes, gather the next batch of
-        (request, step, sender) and send each response (`failed(request, e)`: the response when
-        the whole batch raised)."""
-        cohort: set[int] = set()  # sequences of the last call that are still active: worth waiting for
+        (request, step, sender, wants a lease), run one scheduler iteration (the decode steps,
+        prompt chunks up to the token budget) and send each finished step's response
+        (`send(sender, response, final)`; `failed(request, e)`: the response when answering
+        raised). A prompt with chunks left is answered in a later iteration; meanwhile the loop
+        does not block for new steps. A step that wants a lease, leaves its sequence active and
+        is not END is answered with final=False and its sender held until the sequence's next
+        step (see serving/engine/leases.py)."""
+        cohort: set[int] = set()  # sequences answered last iteration and still active: worth waiting for
         while True:
-            batch, ids = queue.gather(cohort)
-            if not batch:
+            batch, _ = queue.gather(cohort, block=not self.scheduler.prefilling)
+            if not batch and queue.closed:
                 return
-            requests, steps, senders = zip(*batch)
-            try:
-                responses = self.run(requests, steps)
-            except Exception as e:  # noqa: BLE001 - the thread must keep serving
-                logger.exception("gpt step failed")
-                responses = [failed(request, e) for request in requests]
-            for sender, response in zip(senders, responses):
+            with self.lock:
+                for _, step, _, _ in batch:  # the previous step of each sequence is answered: complete it
+                    if self.leases is not None and not isinstance(step, str):
+                        self.leases.end(step.sequence_id)
+                valid = [item for item in batch if not isinstance(item[1], str)]
+                # (request, sender, wants a lease, step, logits, error: a message or what raised)
+                answers = [(request, sender, lease, step, None, step) for request, step, sender, lease in batch
+                           if isinstance(step, str)]
                 try:
-                    send(sender, response)
-                except Exception:  # noqa: BLE001 - e.g. the client went away
-                    logger.exception("could not send a gpt response")
-            cohort = self.scheduler.sequence_ids() & ids
+                    done = self.scheduler.advance([step for _, step, _, _ in valid],
+                                                  [(request, sender, lease, step) for request, step, sender, lease in valid])
+                    answers += [(request, sender, lease, step, r.logits, r.error)
+                                for (request, sender, lease, step), r in done]
+                except Exception as e:  # noqa: BLE001 - the thread must keep serving
+                    logger.exception("gpt step failed")
+                    answers += [(request, sender, lease, step, None, e) for request, step, sender, lease in valid]
+                try:
+                    self.metrics.update(self.scheduler, len(batch))
+                except Exception:  # noqa: BLE001 - the numbers are extra; the steps must be answered
+                    logger.exception("could not update the gpt metrics")
+                active = self.scheduler.sequence_ids()
+                cohort = set()
+                for request, sender, lease, step, logits, error in answers:
+                    try:
+                        if isinstance(error, Exception):
+                            response = failed(request, error)
+                        else:
+                            response = self.answer(request, logits, error)
+                            if error is None and not isinstance(step, str):
+                                cohort.add(step.sequence_id)
+                    except Exception as e:  # noqa: BLE001 - e.g. the engine's logits were NaN
+                        logger.exception("could not answer a gpt step")
+                        response = failed(request, e)
+                    keep = (lease and self.leases is not None and not isinstance(step, str) and not step.end
+                            and step.sequence_id in active and not isinstance(error, Exception))
+                    try:
+                        send(sender, response, not keep)
+                    except Exception:  # noqa: BLE001 - e.g. the client went away
+                        logger.exception("could not send a gpt response")
+                        keep = False
+                    if keep:
+                        self.leases.hold(step.sequence_id, sender)  # type: ignore[union-attr]
+                cohort &= active

@@ -35,7 +35,16 @@ async def get_model(engine: Engine, name: str, model_id: str) -> ModelCard:
 
 
 async def health(url: str) -> tuple[bool, dict[str, Any]]:
-    """(ready, details): Triton live and ready, and each of its gptpipe models ready."""
+    """(ready, details): Triton live and ready, and each of its gptpipe models ready. Several
+    endpoints ("a:8001,b:8001"): ready while one replica is (the client routes around the rest)."""
+    targets = [t.strip() for t in url.split(",") if t.strip()]
+    if len(targets) <= 1:
+        return await _health_one(url)
+    answers = [await _health_one(t) for t in targets]
+    return any(ready for ready, _ in answers), {"triton": url, "replicas": [d for _, d in answers]}
+
+
+async def _health_one(url: str) -> tuple[bool, dict[str, Any]]:
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(url)

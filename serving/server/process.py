@@ -16,7 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.server.common import STARTUP_ARGS, TritonServerError, check_repository, has_nvidia_gpu
+from serving.server.children import new_shm_prefix, remove_shm_regions, stub_processes
+from serving.server.common import (
+    ADMIN_KEY_HEADER,
+    STARTUP_ARGS,
+    TritonServerError,
+    check_repository,
+    has_nvidia_gpu,
+    restricted_api_args,
+)
 from serving.server.install import TritonInstall, find_tritonserver, prepare_backend_directory, server_env
 from serving.server.ports import check_port, check_ports_free, host_port
 
@@ -57,6 +65,12 @@ class TritonServer:
     this process's environment; ``PATH`` and ``LD_LIBRARY_PATH`` are then extended with
     what the python backend needs. Without ``log_file`` the log goes to a temporary file
     that :meth:`stop` removes after keeping its text for :meth:`log_text`.
+
+    The python backend's /dev/shm regions carry a prefix of this server's own
+    (``shm_prefix``); :meth:`stop` and :meth:`kill` remove them once the server is gone, also
+    after a crash. With ``admin_key``, Triton's admin APIs (repository, model config, shared
+    memory, statistics, trace, logging) answer only requests with the header
+    ``admin-key: <key>``; with ``api_key``, inference too (header ``api-key``).
     """
 
     def __init__(
@@ -73,6 +87,9 @@ class TritonServer:
         env: Mapping[str, str] | None = None,
         backend_directory: Path | str | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
+        admin_key: str | None = None,
+        api_key: str | None = None,
+        shm_prefix: str | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.host = host
@@ -88,6 +105,10 @@ class TritonServer:
         self.env = dict(env or {})
         self.backend_directory = Path(backend_directory) if backend_directory else None
         self.startup_timeout = startup_timeout
+        self.admin_key = admin_key
+        self.api_key = api_key
+        self.shm_prefix = shm_prefix or new_shm_prefix()
+        restricted_api_args(admin_key, api_key)  # checks the keys now, not at start()
         self._log_path = Path(log_file).resolve() if log_file else None
         self._owns_log = log_file is None
         self._final_log: str | None = None
@@ -114,6 +135,11 @@ class TritonServer:
         return self._proc.pid if self._proc else None
 
     @property
+    def exit_code(self) -> int | None:
+        """The exit code once the server has exited (negative: killed by that signal), else None."""
+        return self._exit_code if self._proc is not None and self._exited() else None
+
+    @property
     def log_path(self) -> Path | None:
         return self._log_path
 
@@ -130,6 +156,8 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
             f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *restricted_api_args(self.admin_key, self.api_key),
         ]
         if not has_nvidia_gpu():
             args += _NO_GPU_ARGS
@@ -251,11 +279,32 @@ class TritonServer:
                 pass
             proc.wait()
             self._exit_code = proc.returncode
+        remove_shm_regions(self.shm_prefix)  # a crash or a kill leaves them; a clean stop does not
         if self._owns_log and self._log_path is not None and self._final_log is None:
             self._final_log = self._read_log()
             self._log_path.unlink(missing_ok=True)
         logger.info("tritonserver stopped (exit code %s)", self._exit_code)
         return self._exit_code
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group at once (a server that is broken anyway), reap it and
+        remove its shm regions. Returns the exit code; the log stays readable."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            self._exit_code = proc.returncode
+        remove_shm_regions(self.shm_prefix)
+        return self._exit_code
+
+    def stubs(self) -> dict[str, int]:
+        """The live python-backend stubs: ``{"<model>_<instance>": pid}``."""
+        return {} if self._proc is None or self._exited() else stub_processes(self._proc.pid)
 
     def _read_log(self) -> str:
         if self._log_path is None or not self._log_path.exists():
@@ -274,8 +323,9 @@ class TritonServer:
         import tritonclient.http as httpclient  # heavy (gevent); only when asked
 
         client = httpclient.InferenceServerClient(url=self.http_url)
+        headers = {ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else None
         try:
-            return list(client.get_model_repository_index())
+            return list(client.get_model_repository_index(headers=headers))
         finally:
             client.close()
 

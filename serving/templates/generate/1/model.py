@@ -12,9 +12,11 @@ generations step concurrently and the sequence batcher batches their steps.
 
 import json
 import logging
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,19 @@ from serving.generation import (
     Generation,
     GptpipeError,
     InvalidParameterError,
+    PromptTooLongError,
     check_stop,
     generate_tokens,
     make_sampling_params,
+)
+from serving.request_rules import (
+    SEED_LIMIT,
+    check_bool,
+    check_float,
+    check_int,
+    check_known_fields,
+    check_max_new_tokens,
+    check_prompt_bytes,
 )
 from serving.tokenizer import Tokenizer
 
@@ -41,7 +53,14 @@ MAX_WORKERS = 64
 # A START that `gpt` refuses as "server busy" (every KV slot taken) is retried this long, so
 # a burst of generate requests queues instead of failing.
 QUEUE_TIMEOUT_S = 30.0
+# A step (BLS call into `gpt`) that takes longer fails the generation and frees its worker: a dead
+# `gpt` stub never answers. GPTPIPE_STEP_TIMEOUT_S overrides it (tests use a short one).
+STEP_TIMEOUT_S = float(os.environ.get("GPTPIPE_STEP_TIMEOUT_S") or 30.0)
+# Triton's request timeout only covers a step still queued; one a dead stub had taken never comes
+# back, so each BLS call runs here and the worker waits for it at most STEP_TIMEOUT_S.
+_BLS_CALLS = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="generate-bls")
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_INPUT_NAMES = frozenset(spec.name for spec in tensors.GENERATE_INPUTS)
 
 
 class _Cancelled(Exception):
@@ -82,7 +101,11 @@ class TritonPythonModel:
                 sender.send(flags=_FINAL)
             except Exception:  # noqa: BLE001 - the client is gone; nothing to tell it
                 pass
-        except GptpipeError as e:  # bad parameters, server busy, prompt too long ...
+        except InvalidParameterError as e:  # a client mistake: HTTP 400, gRPC INVALID_ARGUMENT
+            message = str(e) if isinstance(e, PromptTooLongError) else f"invalid parameter: {e}"
+            sender.send(pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)), flags=_FINAL)
+        except GptpipeError as e:  # server busy ...
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=_FINAL)
         except Exception as e:  # noqa: BLE001 - whatever it was, the client gets the message
             logger.exception("generate failed")
@@ -90,12 +113,12 @@ class TritonPythonModel:
                         flags=_FINAL)
 
     def _generate(self, request, sender):
-        stream = bool(_scalar(request, "stream", False))
         generation = self._parse(request)
+        stream = check_bool("stream", _scalar(request, "stream", False))
         return_logprobs = generation.return_logprobs
         counts = [len(generation.prompt_ids), 0]  # num_input_tokens, num_output_tokens
         # TensorRT-LLM's default: the prompt's text is not repeated in text_output
-        prefix = "" if bool(_scalar(request, "exclude_input_in_output", True)) else \
+        prefix = "" if check_bool("exclude_input_in_output", _scalar(request, "exclude_input_in_output", True)) else \
             self.tokenizer.decode(generation.prompt_ids)
         step = _BlsStep(correlation_id=secrets.randbits(63) + 1,  # 0 means "no sequence"
                         argmax=generation.argmax_only, decoupled=self.gpt_decoupled)
@@ -123,56 +146,75 @@ class TritonPythonModel:
                                   generation.finish_reason, counts), flags=_FINAL)
 
     def _parse(self, request):
-        """A Generation from the request's tensors; InvalidParameterError for bad fields."""
+        """A Generation from the request's tensors; InvalidParameterError for bad fields.
+
+        Triton's HTTP generate extension has already turned the JSON body into these tensors:
+        a field named like an input became that input, cast to its declared type (a JSON value
+        of the wrong type was refused by Triton, with HTTP 500 and no field named); any other
+        scalar field became a request parameter, which is refused here as an unknown field."""
+        check_known_fields(json.loads(request.parameters() or "{}"), _INPUT_NAMES, where=" of the generate request")
         text = _scalar(request, "text_input", None)
         input_ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
         if text is not None and input_ids is not None:
-            raise InvalidParameterError("invalid parameter: give text_input or input_ids, not both")
+            raise InvalidParameterError("give text_input or input_ids, not both")
+        max_tokens = check_max_new_tokens(_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS),
+                                          n_positions=self.n_positions, field_name="max_tokens")
+        room = self.n_positions - max_tokens
         if input_ids is not None:
-            prompt_ids = input_ids.as_numpy().reshape(-1).tolist()
+            ids = input_ids.as_numpy().reshape(-1)
+            if ids.size > room:  # before any per-id work
+                raise PromptTooLongError(
+                    f"prompt too long: {ids.size} prompt tokens + max_tokens={max_tokens} exceeds the "
+                    f"context length n_positions={self.n_positions}")
+            prompt_ids = ids.tolist()
         elif text is not None:
             try:
                 prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             except UnicodeDecodeError:
-                raise InvalidParameterError("invalid parameter: text_input is not valid UTF-8") from None
+                raise InvalidParameterError("text_input is not valid UTF-8") from None
+            check_prompt_bytes(prompt, n_positions=self.n_positions, max_new_tokens=max_tokens,
+                               max_token_bytes=self.tokenizer.max_token_bytes, field_name="text_input",
+                               max_new_tokens_field="max_tokens")
             prompt_ids = self.tokenizer.encode(prompt)
         else:
-            raise InvalidParameterError("invalid parameter: the request needs text_input (a prompt) or input_ids")
+            raise InvalidParameterError("the request needs text_input (a prompt) or input_ids")
         stop_tensor = pb_utils.get_input_tensor_by_name(request, "stop_words")
-        stop = [] if stop_tensor is None else [s.decode("utf-8") if isinstance(s, bytes) else str(s)
-                                               for s in stop_tensor.as_numpy().reshape(-1)]
-        end_id = _scalar(request, "end_id", None)
-        eos = self.eos_token_id if end_id is None else (None if int(end_id) < 0 else int(end_id))
-        seed = _scalar(request, "random_seed", None)
-        trtllm_seed = _scalar(request, "seed", None)
-        if seed is not None and trtllm_seed is not None:
-            raise InvalidParameterError("invalid parameter: give random_seed or seed, not both")
-        seed = trtllm_seed if seed is None else seed
         try:
-            params = make_sampling_params(
-                temperature=float(_scalar(request, "temperature", 1.0)),
-                top_k=int(_scalar(request, "top_k", 0)),
-                top_p=float(_scalar(request, "top_p", 1.0)),
-                repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-                seed=None if seed is None else int(seed),
-                presence_penalty=float(_scalar(request, "presence_penalty", 0.0)),
-                frequency_penalty=float(_scalar(request, "frequency_penalty", 0.0)),
-            )
-            return Generation(
-                prompt_ids,
-                max_new_tokens=int(_scalar(request, "max_tokens", DEFAULT_MAX_TOKENS)),
-                max_new_tokens_field="max_tokens",
-                params=params,
-                n_positions=self.n_positions,
-                vocab_size=self.vocab_size,
-                eos_token_id=eos,
-                stop=check_stop(stop, field_name="stop_words"),
-                tokenizer=self.tokenizer,
-                return_logprobs=bool(_scalar(request, "return_log_probs", False)),
-            )
-        except InvalidParameterError as e:
-            msg = str(e)
-            raise type(e)(msg if msg.startswith("prompt too long") else f"invalid parameter: {msg}") from None
+            stop = [] if stop_tensor is None else [s.decode("utf-8") if isinstance(s, bytes) else str(s)
+                                                   for s in stop_tensor.as_numpy().reshape(-1)]
+        except UnicodeDecodeError:
+            raise InvalidParameterError("stop_words are not valid UTF-8") from None
+        end_id = _scalar(request, "end_id", None)
+        if end_id is not None:
+            end_id = check_int("end_id", end_id, lo=-1, hi=self.vocab_size - 1, why=" (-1 = none)")
+        eos = self.eos_token_id if end_id is None else (None if end_id < 0 else end_id)
+        seed = _scalar(request, "random_seed", None)
+        trtllm_seed = _scalar(request, "seed", None)  # Triton's OpenAI frontend / TensorRT-LLM name
+        if seed is not None and trtllm_seed is not None:
+            raise InvalidParameterError("give random_seed or seed, not both")
+        seed_field = "random_seed" if trtllm_seed is None else "seed"
+        seed = trtllm_seed if seed is None else seed
+        params = make_sampling_params(
+            temperature=check_float("temperature", _scalar(request, "temperature", 1.0)),
+            top_k=check_int("top_k", _scalar(request, "top_k", 0), lo=0, why=" (0 = off)"),
+            top_p=check_float("top_p", _scalar(request, "top_p", 1.0)),
+            repetition_penalty=check_float("repetition_penalty", _scalar(request, "repetition_penalty", 1.0)),
+            seed=None if seed is None else check_int(seed_field, seed, lo=0, hi=SEED_LIMIT - 1),
+            presence_penalty=check_float("presence_penalty", _scalar(request, "presence_penalty", 0.0)),
+            frequency_penalty=check_float("frequency_penalty", _scalar(request, "frequency_penalty", 0.0)),
+        )
+        return Generation(
+            prompt_ids,
+            max_new_tokens=max_tokens,
+            max_new_tokens_field="max_tokens",
+            params=params,
+            n_positions=self.n_positions,
+            vocab_size=self.vocab_size,
+            eos_token_id=eos,
+            stop=check_stop(stop, field_name="stop_words"),
+            tokenizer=self.tokenizer,
+            return_logprobs=check_bool("return_log_probs", _scalar(request, "return_log_probs", False)),
+        )
 
 
 class _BlsStep:
@@ -185,6 +227,12 @@ class _BlsStep:
         self.decoupled = decoupled  # `gpt` batches in flight: its one answer comes as a stream
 
     def _exec(self, request):
+        try:
+            return _BLS_CALLS.submit(self._exec_now, request).result(timeout=STEP_TIMEOUT_S)
+        except FutureTimeout:
+            raise RuntimeError(f"{tensors.GPT_MODEL} answered no step within {STEP_TIMEOUT_S:g} s") from None
+
+    def _exec_now(self, request):
         if not self.decoupled:
             return request.exec()
         answer = None
@@ -194,6 +242,15 @@ class _BlsStep:
         if answer is None:
             raise RuntimeError(f"{tensors.GPT_MODEL} answered no response")
         return answer
+
+    def _end_refused(self, ids):
+        """END the sequence `gpt` refused as busy (Triton's batcher took its START): a retry under
+        the same id would otherwise log a "sequence conflict" warning each time."""
+        request = pb_utils.InferenceRequest(
+            model_name=tensors.GPT_MODEL, inputs=[pb_utils.Tensor(tensors.INPUT_IDS, ids[:, -1:])],
+            requested_output_names=[self.output], correlation_id=self.correlation_id,
+            flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END, timeout=int(STEP_TIMEOUT_S * 1e6))
+        self._exec(request)  # `gpt` answers "not active": expected
 
     def __call__(self, tokens, *, start, end):
         flags = 0
@@ -208,6 +265,7 @@ class _BlsStep:
             requested_output_names=[self.output],
             correlation_id=self.correlation_id,
             flags=flags,
+            timeout=int(STEP_TIMEOUT_S * 1e6),  # microseconds
         )
         deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
         while True:
@@ -216,11 +274,13 @@ class _BlsStep:
                 return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()[0]  # (V,) or (1,)
             message = response.error().message()
             busy = message.startswith("server busy")
+            if busy and start:
+                self._end_refused(ids)
             if busy and start and time.monotonic() + delay < deadline:
                 time.sleep(delay)  # wait for a slot: another sequence ends soon
                 delay = min(2 * delay, 0.2)
                 continue
-            if busy or message.startswith("prompt too long"):
+            if busy or message.startswith(("prompt too long", "server shutting down")):
                 raise _StepRefused(message)
             raise RuntimeError(message)
 
@@ -235,7 +295,7 @@ def _scalar(request, name, default):
         return default
     array = tensor.as_numpy().reshape(-1)
     if array.size != 1:
-        raise InvalidParameterError(f"invalid parameter: {name} must hold one value, got {array.size}")
+        raise InvalidParameterError(f"{name} must hold one value, got {array.size}")
     return array[0]
 
 
