@@ -253,7 +253,7 @@ def test_a_cancelled_generation_stops_and_sends_end(frontend):  # noqa: F811
 
 
 def test_the_load_generator_pairs_the_frontend_with_the_direct_client(frontend):  # noqa: F811
-    from serving.openai.loadgen import compare
+    from serving.bench.openai_loadgen import compare
 
     (level,) = asyncio.run(compare(frontend.base_url, frontend.served.server.grpc_url, MODEL, concurrency=[2],
                                    requests_per_stream=1, max_tokens=8, prompt_tokens=4, rounds=1))

@@ -120,7 +120,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                        "ORT calls", "steps/ORT call"], rows)
     for title, key in (("8 streams vs 1, adjacent runs", "aggregate_pairs"), ("Context length", "context_itl"),
                        ("Prefix cache (shared system prompt)", "prefix"),
-                       ("Server", "server"), ("int8", "int8")):
+                       ("Server", "server"), ("int8", "int8"),
+                       ("OpenAI frontend vs direct gRPC client, paired rounds", "openai"),
+                       ("aiperf against the frontend, beside gptpipe bench", "aiperf")):
         if report.get(key):
             out += ["", f"## {title}", "", "```json", json.dumps(finite_or_none(report[key]), indent=2), "```"]
     ratios = report.get("ratios")

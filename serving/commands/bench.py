@@ -24,6 +24,9 @@ BaselinesOption = Annotated[bool, typer.Option(
 CheckpointOption = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Weights for the PyTorch baselines (default: the repository manifest's source).")]
 OutOption = Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md and the plots.")]
+EndpointOption = Annotated[str, typer.Option(
+    "--endpoint", help="grpc: the direct client; openai: the OpenAI frontend paired with the direct client "
+    "(openai_vs_grpc_c<N> ratios; aiperf beside it when .venv-aiperf exists).")]
 ScenarioOption = Annotated[str, typer.Option(
     "--scenario", help="levels: closed-loop concurrency levels; prefix: requests sharing a system prompt of "
                        "--prompt-tokens tokens (+16 new each), TTFT with the prefix cache vs without (paired)")]
@@ -72,6 +75,7 @@ def bench(
     checkpoint: CheckpointOption = None,
     out: OutOption = Path("bench-out"),
     suite: SuiteOption = None,
+    endpoint: EndpointOption = "grpc",
     scenario: ScenarioOption = "levels",
 ) -> None:
     """Benchmark a gptpipe server: per concurrency level, time to first token (p50/p90/p99),
@@ -85,6 +89,8 @@ def bench(
     Example: gptpipe bench --scenario prefix --prompt-tokens 512 --output-tokens 8 --out bench-prefix
 
     Example: gptpipe bench --suite targets --out bench-out
+
+    Example: gptpipe bench --endpoint openai --concurrency 1,8 --prompt-tokens 32 --output-tokens 64
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -98,6 +104,13 @@ def bench(
     if mode not in MODES:
         raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--mode")
     levels = parse_concurrency(concurrency)
+    if endpoint not in ("grpc", "openai"):
+        raise typer.BadParameter(f"{endpoint!r}: choose grpc or openai", param_hint="--endpoint")
+    if endpoint == "openai" and scenario != "levels":
+        raise typer.BadParameter("--endpoint openai runs concurrency levels only", param_hint="--scenario")
+    if endpoint == "openai" and suite is not None:
+        raise typer.BadParameter("--suite targets measures the gRPC paths; drop --endpoint openai",
+                                 param_hint="--endpoint")
     if scenario not in ("levels", "prefix"):
         raise typer.BadParameter(f"{scenario!r}: choose levels or prefix", param_hint="--scenario")
     if suite is not None:
@@ -124,7 +137,13 @@ def bench(
     try:
         with Progress(*columns, console=console, transient=False) as bar:
             progress = _RichProgress(bar)
-            if suite == "targets":
+            if endpoint == "openai":
+                from serving.bench.openai_endpoint import run_openai_bench
+
+                options = BenchOptions(url=url, repository=repository, concurrency=levels, prompt_tokens=prompt_tokens,
+                                       output_tokens=output_tokens, baselines=False)
+                report = run_openai_bench(options, out_dir=out, progress=progress)
+            elif suite == "targets":
                 report = run_targets(out, concurrency=levels, requests=requests, mode=mode, progress=progress,
                                      prompt_tokens=prompt_tokens, output_tokens=output_tokens)
             else:

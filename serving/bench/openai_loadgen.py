@@ -7,7 +7,7 @@ alternating the two in rounds so that both see the same machine load, and report
 TTFT and ITL of each and the ratio frontend ÷ direct. For ``gptpipe bench --endpoint openai``
 (to be wired in there) and by hand::
 
-    python -m serving.openai.loadgen --openai http://127.0.0.1:9000 --grpc localhost:8001 \\
+    python -m serving.bench.openai_loadgen --openai http://127.0.0.1:9000 --grpc localhost:8001 \\
         --model demo --concurrency 1 8
 """
 
