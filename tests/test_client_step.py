@@ -22,11 +22,13 @@ from tests.test_client_http_generate import as_list, post
 
 
 def busy_step(busy_calls: int, calls: list):
-    """A step that refuses its first `busy_calls` calls with "server busy" (calls: their start flags)."""
+    """A step that refuses its first `busy_calls` STARTs with "server busy" (calls: (start, end) of
+    every call: the client ENDs a refused START's sequence before it retries, so Triton's sequence
+    batcher lets that id go)."""
 
     def step(tokens, *, start, end):
-        calls.append(start)
-        if len(calls) <= busy_calls:
+        calls.append((start, end))
+        if not (end and not start) and sum(not (e and not st) for st, e in calls) <= busy_calls:  # an END is never refused
             raise ServerBusyError("server busy: 8 of 8 sequences active; retry later")
         return [len(tokens)]
 
@@ -43,12 +45,12 @@ def async_of(step):
 def test_busy_retry_retries_only_a_start_and_gives_up_after_queue_timeout():
     calls: list = []
     assert _with_busy_retry(busy_step(2, calls), 5.0)([1, 2, 3], start=True, end=False) == [3]
-    assert calls == [True, True, True]
+    assert calls == [(True, False), (False, True), (True, False), (False, True), (True, False)]
     calls.clear()
     retrying = _with_busy_retry(busy_step(10**6, calls), 0.3)
     with pytest.raises(ServerBusyError, match="^server busy"):
         retrying([1], start=False, end=False)  # not a START: refused at once
-    assert calls == [False]
+    assert calls == [(False, False)]
     t0 = time.monotonic()
     with pytest.raises(ServerBusyError, match="^server busy"):
         retrying([1], start=True, end=False)
@@ -61,12 +63,12 @@ def test_busy_retry_retries_only_a_start_and_gives_up_after_queue_timeout():
 def test_async_busy_retry_retries_only_a_start_and_gives_up_after_queue_timeout():
     calls: list = []
     retrying = _async_with_busy_retry(async_of(busy_step(2, calls)), 5.0)
-    assert asyncio.run(retrying([1, 2], start=True, end=False)) == [2] and calls == [True, True, True]
+    assert asyncio.run(retrying([1, 2], start=True, end=False)) == [2] and calls == [(True, False), (False, True), (True, False), (False, True), (True, False)]
     calls.clear()
     retrying = _async_with_busy_retry(async_of(busy_step(10**6, calls)), 0.3)
     with pytest.raises(ServerBusyError):
-        asyncio.run(retrying([1], start=False, end=True))
-    assert calls == [False]
+        asyncio.run(retrying([1], start=False, end=False))  # not a START: refused at once
+    assert calls == [(False, False)]
     t0 = time.monotonic()
     with pytest.raises(ServerBusyError):
         asyncio.run(retrying([1], start=True, end=False))

@@ -31,7 +31,7 @@ def test_too_old_opset_is_a_clear_error(model: GPT, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(kv_cache="paged"), "kv_cache must be one of"),
-    (dict(precision="int4"), "precision must be one of"),
+    (dict(precision="int3"), "precision must be one of"),
 ])
 def test_bad_arguments(model: GPT, tmp_path: Path, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
