@@ -31,9 +31,28 @@ def test_soak_60s(tiny_export, tmp_path):
     report = json.loads((out / "soak.json").read_text())
     failed = {k: v for k, v in report["checks"].items() if isinstance(v, dict) and v.get("pass") is not True
               and "pass" in v}
-    assert proc.returncode == 0 and report["verdict"] == "pass", (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    log = (out / "serve.log").read_text(errors="replace").splitlines()
+    assert proc.returncode == 0 and report["verdict"] == "pass", (failed, "\n".join(log[-60:]), proc.stderr[-3000:])
     assert report["checks"]["greedy_tokens_match"]["checked"] >= 20
     kinds = set(report["by_kind"])
     assert {"grpc-client", "grpc-server", "http-sse"} <= kinds
     assert report["checks"]["outcomes"].get("cancelled by us", 0) >= 1
     assert (out / "soak.png").stat().st_size > 10_000
+
+
+def test_rss_check_compares_sparse_samples_of_the_last_server_process():
+    """A loaded machine samples every few seconds, not every second: the check compares the first and
+    last samples by count. A restart starts a new baseline; too few samples after it is "not
+    judged" (with the pid and span in the reason), which counts as a failure."""
+    from serving.bench.soak_report import passed, rss_check
+    from serving.bench.soak_server import Sample
+
+    sparse = [Sample(t=float(t), triton_pid=1, rss_mib=100.0 + t / 100, fds=50, kv_active=0) for t in range(0, 61, 4)]
+    result = rss_check(sparse, warmup_s=12, load_end=60)
+    assert result["pass"] is True and result["baseline_mib"] < result["final_mib"] < 101, result
+    grown = sparse[:-5] + [Sample(t=s.t, triton_pid=1, rss_mib=120.0, fds=50, kv_active=0) for s in sparse[-5:]]
+    assert rss_check(grown, warmup_s=12, load_end=60)["pass"] is False
+    restarted = sparse[:12] + [Sample(t=float(t), triton_pid=2, rss_mib=90.0, fds=40, kv_active=0) for t in (50, 54, 58)]
+    result = rss_check(restarted, warmup_s=12, load_end=60)
+    assert result["pass"] is None and "pid 2" in result["reason"], result
+    assert not passed({"rss_growth": result})

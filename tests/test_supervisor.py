@@ -390,3 +390,53 @@ def test_drain_lets_running_generations_finish_and_ends_the_rest(repo, serve_pro
     assert outcome["short"] == 6, outcome
     assert isinstance(outcome["long"], Exception) and "server shutting down" in str(outcome["long"]), outcome
     assert serve.shm() == []
+
+
+def test_a_probe_that_times_out_under_load_is_not_a_failure_but_a_hung_server_is(repo, caplog) -> None:
+    """The liveness probe of a loaded server: its 1-token generate waits in the queue past the probe
+    timeout while other generations complete. Counting that as a failure restarted a busy server in
+    the middle of a soak (CI); a SIGSTOPped (hung) tritonserver completes nothing and still fails."""
+    from serving.server.supervisor import Supervisor, SupervisorOptions
+
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo.repository, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    supervisor = Supervisor(server, SupervisorOptions(probe_timeout_s=0.003, probe_failures=2))
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def load() -> None:
+        with Client(server.grpc_url) as client:
+            while not stop.is_set():
+                try:
+                    client.generate(PROMPT, max_new_tokens=6, temperature=0, mode="server")
+                except Exception as e:  # noqa: BLE001 - asserted below
+                    errors.append(e)
+
+    supervisor.start()
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        with caplog.at_level("INFO", logger="serving.server.supervisor"):
+            problems = []
+            for _ in range(8):
+                problems.append(supervisor.check())
+                time.sleep(0.3)
+        assert problems == [None] * 8, problems
+        assert "probe slow under load" in caplog.text  # the probes did time out: the case was exercised
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            assert supervisor.check() is None  # one failed probe: not yet
+            problem = supervisor.check()
+            assert problem is not None and "no answer within" in problem, problem
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        stop.set()
+        server.stop()
+        supervisor.close()

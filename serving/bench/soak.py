@@ -218,6 +218,9 @@ class Soak:
         result = checks(self.outcomes, self.samples, warmup_s=o.warmup_fraction * o.duration_s, load_end=load_end,
                         kv_final=kv, kv_wait_s=kv_wait_s, faults=self.faults, shutdown=shutdown)
         result["workers_finished"] = {"pass": hung == 0, "hung": hung}
+        restarts = server.restarts()  # the supervisor's "[restarting] <why>" lines
+        result["no_unplanned_restarts"] = {"pass": len(restarts) <= len(self.faults), "restarts": restarts,
+                                           "faults": len(self.faults)}
         by_kind: dict[str, dict[str, int]] = {}
         for out in self.outcomes:
             by_kind.setdefault(out.kind, {}).setdefault(out.classification or "?", 0)

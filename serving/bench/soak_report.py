@@ -11,6 +11,8 @@ from serving.bench.soak_load import Outcome
 from serving.bench.soak_server import Sample
 
 RSS_GROWTH_LIMIT = 0.05
+RSS_SAMPLES = 5  # samples (about 1 s apart) in the baseline and in the final median
+MIN_RSS_SPAN_S = 20.0  # from the first baseline sample to the last final one
 FD_SLACK = 8  # descriptors a sampled process set may gain (sockets that come and go) and still be "flat"
 FAULT_GRACE_S = 3.0  # after recovery, requests that started in the window may still fail
 
@@ -37,24 +39,26 @@ def _median(values: list[float]) -> Optional[float]:
 
 
 def rss_check(samples: list[Sample], warmup_s: float, load_end: float) -> dict[str, Any]:
-    """RSS of tritonserver + stubs: the median of the 5 s after warm-up vs of the last 5 s of the load,
-    over the samples of the last server process (a restart starts a new baseline)."""
+    """RSS of tritonserver + stubs: the median of the first samples after warm-up vs of the last
+    samples of the load, over the samples of the last server process (a restart starts a new
+    baseline). By count, not by a fixed window: a loaded machine samples less often than asked."""
     last_pid = next((s.triton_pid for s in reversed(samples) if s.triton_pid), None)
     mine = [s for s in samples if s.triton_pid == last_pid and s.rss_mib is not None and s.t <= load_end]
     if not mine:
         return {"pass": False, "reason": "no RSS samples"}
-    start = mine[0].t + warmup_s
-    base = [s for s in mine if start <= s.t <= start + 5]
-    final = [s for s in mine if s.t >= load_end - 5]
-    if not base or not final or final[0].t <= start + 5:
-        return {"pass": None, "reason": "too little load after warm-up (or after the last restart) to compare"}
+    after = [s for s in mine if s.t >= mine[0].t + warmup_s]
+    base, final = after[:RSS_SAMPLES], after[-RSS_SAMPLES:]
+    if len(after) < 2 * RSS_SAMPLES or final[-1].t - base[0].t < MIN_RSS_SPAN_S:
+        return {"pass": None, "reason": f"too little load after warm-up (or after the last restart) to compare: "
+                                        f"{len(after)} samples of pid {last_pid} over "
+                                        f"{(after[-1].t - after[0].t) if after else 0:.1f} s"}
     b, f = _median([s.rss_mib for s in base]), _median([s.rss_mib for s in final])
     fd_b, fd_f = max(s.fds for s in base), max(s.fds for s in final)
     growth = f / b - 1
     return {"pass": growth <= RSS_GROWTH_LIMIT, "baseline_mib": round(b, 1), "final_mib": round(f, 1),
             "growth": round(growth, 4), "limit": RSS_GROWTH_LIMIT, "fds_baseline": fd_b, "fds_final": fd_f,
-            "fds_pass": fd_f <= fd_b + FD_SLACK, "fd_slack": FD_SLACK,
-            "peak_mib": round(max(s.rss_mib for s in mine), 1)}
+            "fds_pass": fd_f <= fd_b + FD_SLACK, "fd_slack": FD_SLACK, "samples": len(after),
+            "span_s": round(final[-1].t - base[0].t, 1), "peak_mib": round(max(s.rss_mib for s in mine), 1)}
 
 
 def checks(outcomes: list[Outcome], samples: list[Sample], *, warmup_s: float, load_end: float,

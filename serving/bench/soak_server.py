@@ -115,6 +115,14 @@ class SoakServer:
         except OSError:
             return ""
 
+    def restarts(self) -> list[str]:
+        """Why the supervisor restarted tritonserver, once per restart (its "[restarting] ..." lines)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [line for line in lines if line.startswith("[restarting]")]
+
     # ------------------------------------------------------------ processes
     def triton(self) -> Optional[psutil.Process]:
         if self.proc is None:

@@ -8,7 +8,8 @@ logged; every wait is bounded.
   tritonserver: one that disappears is a failure at once) and sends a tiny real request through
   the models: ``tokenizer`` is asked for its config, ``generate`` generates one token (a BLS
   START/END on ``gpt``), other models are asked their ready flag. A model that answers "server
-  busy" is alive.
+  busy" is alive, and so is one whose probe times out while it completes other requests (loaded,
+  not hung: a liveness probe must not restart a server for being busy).
 * **Restart** (``restart="on-failure"``): kill the server's process group (in-flight requests
   get a connection error at once), remove its /dev/shm regions, start it again with the same
   repository and ports, with bounded retries and backoff. ``restart="never"``: a failure ends
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for loopback
 # Answers of a model that is alive but refuses work right now.
 _ALIVE_REFUSALS = ("server busy", "server shutting down")
+_TIMED_OUT = "no answer within"  # how _send words a probe that timed out
 
 
 # Triton's --exit-timeout-secs under the supervisor: after the drain nothing should be in flight.
@@ -101,6 +103,7 @@ class Supervisor:
         self.restarts: list[float] = []  # monotonic times of restarts
         self._stubs: dict[str, int] = {}  # stub name -> pid, as found once the server was ready
         self._failures = 0
+        self._last_completed: dict[str, float] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ states
@@ -125,7 +128,7 @@ class Supervisor:
             self._enter(State.STOPPED, "start failed")
             raise
         self._stubs = dict(self.server.stubs())
-        self._failures = 0
+        self._failures, self._last_completed = 0, self._completed()
         self._enter(State.READY, f"ready in {seconds:.1f} s, stubs {sorted(self._stubs)}")
         return seconds
 
@@ -133,21 +136,51 @@ class Supervisor:
 
     def check(self) -> Optional[str]:
         """Why the server is broken, or None. A dead process or stub counts at once; a failed
-        probe after ``probe_failures`` in a row."""
+        probe after ``probe_failures`` in a row. A probe that times out while its model completes
+        other requests is a busy server, not a hung one, and does not count (a liveness probe
+        must not restart a server for being loaded)."""
         if not self.server.is_running():
             return f"tritonserver exited (code {self.server.exit_code})"
         # the pids found at start, not a fresh listing: a listing can miss a live stub for a moment
         missing = [name for name, pid in self._stubs.items() if not _alive(pid)]
         if missing:
             return f"python-backend stub(s) {sorted(missing)} died"
+        before, self._last_completed = self._last_completed, self._completed()
         problem = self.probe()
         if problem is None:
+            self._failures = 0
+            return None
+        if _TIMED_OUT in problem and self._progressed(problem, before):
+            # answers are coming out of that model: the probe waited in a queue, the server is busy, not hung
+            logger.info("supervisor: probe slow under load, not a failure (the model completed other "
+                        "requests meanwhile): %s", problem)
             self._failures = 0
             return None
         self._failures += 1
         logger.warning("supervisor: probe failed (%d of %d): %s", self._failures, self.options.probe_failures,
                        problem)
         return problem if self._failures >= self.options.probe_failures else None
+
+    def _completed(self) -> dict[str, float]:
+        """Each model's completed requests (Triton's success + failure counters; {} if unreadable)."""
+        try:
+            with _LOCAL.open(self.server.metrics_url, timeout=2) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return {}
+        done: dict[str, float] = {}
+        for model, value in re.findall(r'^nv_inference_request_(?:success|failure)\{[^}]*model="([^"]+)"[^}]*\} (\S+)$',
+                                       text, re.M):
+            done[model] = done.get(model, 0.0) + float(value)
+        return done
+
+    def _progressed(self, problem: str, before: dict[str, float]) -> bool:
+        """Whether the model the failed probe names completed requests since ``before`` (the counts
+        of the previous check, one probe interval ago)."""
+        match = re.match(r"model (\S+): ", problem)
+        if match is None or match.group(1) not in before:
+            return False
+        return self._completed().get(match.group(1), 0.0) > before[match.group(1)]
 
     def probe(self) -> Optional[str]:
         """One tiny real request to each model; the first problem, or None."""
