@@ -99,9 +99,12 @@ class TritonPythonModel:
         return _answer(request, logits, error)
 
     def _drain_watch(self):
-        """Draining: end the sequences idle longer than DRAIN_IDLE_S; stopping: end them all. Ending
-        one is an END step through Triton (a BLS call to this model), so Triton's sequence batcher
-        lets it go too and an idle client-side sequence cannot hold shutdown up."""
+        """Draining or stopping: end the sequences idle longer than DRAIN_IDLE_S. Ending one is an
+        END step through Triton (a BLS call to this model), so Triton's sequence batcher lets it go
+        too and an idle client-side sequence cannot hold shutdown up. A sequence still stepping is
+        not ended behind its client's back while stopping: Triton would answer its next step with
+        its own "must specify the START flag"; that step gets "server shutting down" (_answer), and
+        the client ENDs the sequence itself."""
         while not self._closed.wait(0.1):
             state = self._drain.state()
             try:
@@ -114,7 +117,7 @@ class TritonPythonModel:
                 continue
             now = time.monotonic()
             for sid in open_ids - self._ended:
-                if state == STOPPING or now - self._last_step.get(sid, now) > DRAIN_IDLE_S:
+                if now - self._last_step.get(sid, now) > DRAIN_IDLE_S:
                     self._ended.add(sid)
                     logger.info("gpt: ending sequence %d (%s, idle %.2f s)", sid, state,
                                 now - self._last_step.get(sid, now))
