@@ -116,3 +116,51 @@ def test_a_server_that_never_was_is_unavailable_on_every_path():
             with Client("127.0.0.1:1", protocol=protocol, timeout_s=5) as client:
                 with pytest.raises(ServerUnavailableError, match="127.0.0.1:1"):
                     client.generate("hello", max_new_tokens=2, mode=mode)
+
+
+def test_new_server_side_generations_after_the_server_died_are_unavailable(inflight, triton_server_factory):
+    """A client that had served requests, after its server was SIGKILLed: every new server-side
+    gRPC generation raises ServerUnavailableError. tritonclient's stream fails before the
+    request is written, and its raw "The stream is no longer in valid state" came out untyped
+    (the fault soak counted 66 of them)."""
+    server = triton_server_factory(inflight.repository)
+    with Client(server.grpc_url, timeout_s=10) as client:
+        assert client.generate("hello there", max_new_tokens=2, temperature=0, mode="server").token_ids
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()
+        for _ in range(20):
+            with pytest.raises(ServerUnavailableError, match=server.grpc_url):
+                client.generate("hello there", max_new_tokens=2, temperature=0, mode="server")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_reconnects_within_a_second_of_its_restarted_server(inflight, triton_server_factory, stream):
+    """A restarted server (the supervisor's restart: same ports) is reached again at once. gRPC's
+    default reconnect backoff grows to 120 s: after a 20 s outage the soak's frontend still got
+    "failed to connect" seconds after the server was back."""
+    import time
+
+    server = triton_server_factory(inflight.repository)
+    with Client(server.grpc_url, timeout_s=10) as client:
+        def generate():
+            return client.generate("hello there", max_new_tokens=2, temperature=0, stream=stream)
+
+        assert generate()
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # failing calls through the outage, as traffic does
+            with pytest.raises(ServerUnavailableError):
+                list(generate()) if stream else generate()
+            time.sleep(0.5)
+        server.start()
+        server.wait_ready(120)
+        ready, waited = time.monotonic(), None
+        while time.monotonic() - ready < 15:
+            try:
+                list(generate()) if stream else generate()
+                waited = time.monotonic() - ready
+                break
+            except ServerUnavailableError:
+                time.sleep(0.05)
+        assert waited is not None and waited < 1.5, waited

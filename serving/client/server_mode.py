@@ -100,6 +100,7 @@ def _grpc_infer_inputs(inputs: dict[str, np.ndarray]) -> list[Any]:
 def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:
     """Events of one `generate` request over its own gRPC stream (tritonclient start_stream)."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
@@ -108,8 +109,13 @@ def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], tim
         client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
         infer_inputs = _grpc_infer_inputs(inputs)
         sent = time.perf_counter()
-        client.async_stream_infer(model, infer_inputs, request_id=str(_new_correlation_id()),
-                                  enable_empty_final_response=True)
+        try:
+            client.async_stream_infer(model, infer_inputs, request_id=str(_new_correlation_id()),
+                                      enable_empty_final_response=True)
+        except InferenceServerException as e:
+            # the stream failed before the request was written ("no longer in valid state"):
+            # the reason (failed to connect, ...) went to the callback
+            raise _stream_failed(responses, e, url) from None
         while True:
             try:
                 result, error, arrived = responses.get(timeout=timeout)
@@ -135,6 +141,19 @@ def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], tim
         except Exception as e:  # noqa: BLE001
             logger.debug("closing the generate stream failed: %s", e)
         client.close()
+
+
+def _stream_failed(responses: queue.Queue, e: Exception, url: str) -> Exception:
+    """The error of a tritonclient stream that broke before its request was written: the one its
+    callback got (briefly waited for), else the server counts as unavailable."""
+    try:
+        _, error, _ = responses.get(timeout=1.0)
+    except queue.Empty:
+        error = None
+    if error is not None:
+        return _tritonclient_error(error, url, "grpc")
+    return ServerUnavailableError(f"the stream to the Triton server at {url} (grpc) broke before the request "
+                                  f"was sent: {e}")
 
 
 def _http_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:

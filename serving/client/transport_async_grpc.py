@@ -21,7 +21,11 @@ from serving.client.step import (
 )
 from serving.generation import ServerUnavailableError, TokenEvent
 
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# Reconnect backoff capped at 1 s (gRPC's default grows to 120 s): a restarted server (the
+# supervisor's restart, a rolling pod) is reached again within a second, not minutes later.
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class _AsyncGrpcTransport:
