@@ -40,16 +40,21 @@ def _median(values: list[float]) -> Optional[float]:
 
 def rss_check(samples: list[Sample], warmup_s: float, load_end: float) -> dict[str, Any]:
     """RSS of tritonserver + stubs: the median of the first samples after warm-up vs of the last
-    samples of the load, over the samples of the last server process (a restart starts a new
-    baseline). By count, not by a fixed window: a loaded machine samples less often than asked."""
-    last_pid = next((s.triton_pid for s in reversed(samples) if s.triton_pid), None)
-    mine = [s for s in samples if s.triton_pid == last_pid and s.rss_mib is not None and s.t <= load_end]
-    if not mine:
+    samples, over the server process that ran longest (a restart starts a new baseline; with
+    faults that is one of the three processes, whose warm-up is at most a third of its time).
+    By count, not by a fixed window: a loaded machine samples less often than asked."""
+    spans: dict[int, list[Sample]] = {}
+    for s in samples:
+        if s.triton_pid and s.rss_mib is not None and s.t <= load_end:
+            spans.setdefault(s.triton_pid, []).append(s)
+    if not spans:
         return {"pass": False, "reason": "no RSS samples"}
+    last_pid, mine = max(spans.items(), key=lambda item: item[1][-1].t - item[1][0].t)
+    warmup_s = min(warmup_s, (mine[-1].t - mine[0].t) / 3)
     after = [s for s in mine if s.t >= mine[0].t + warmup_s]
     base, final = after[:RSS_SAMPLES], after[-RSS_SAMPLES:]
     if len(after) < 2 * RSS_SAMPLES or final[-1].t - base[0].t < MIN_RSS_SPAN_S:
-        return {"pass": None, "reason": f"too little load after warm-up (or after the last restart) to compare: "
+        return {"pass": None, "reason": f"too little load after warm-up (or between restarts) to compare: "
                                         f"{len(after)} samples of pid {last_pid} over "
                                         f"{(after[-1].t - after[0].t) if after else 0:.1f} s"}
     b, f = _median([s.rss_mib for s in base]), _median([s.rss_mib for s in final])
