@@ -45,12 +45,15 @@ __all__ = [
     "GptpipeError", "InvalidParameterError", "PromptTooLongError", "ServerBusyError",
     "ServerUnavailableError", "ServerError",
     "FinishReason", "Step", "TokenEvent", "Timings", "GenerationResult", "Generation",
-    "check_max_new_tokens", "check_prompt_ids", "check_stop", "make_sampling_params",
+    "check_max_new_tokens", "check_prompt_ids", "check_stop", "check_min_tokens", "check_token_ids",
+    "make_sampling_params", "finish_token", "MAX_TOP_LOGPROBS",
     "generate_tokens", "agenerate_tokens", "collect",
 ]
 
 FinishReason = Literal["length", "stop", "eos"]
 FINISH_REASONS: tuple[str, ...] = ("length", "stop", "eos")
+# OpenAI's chat limit on top_logprobs (completions' logprobs stops at 5)
+MAX_TOP_LOGPROBS = 20
 
 
 # ---------------------------------------------------------------------------- validation
@@ -86,6 +89,28 @@ def check_stop(stop: str | Iterable[str] | None, *, field_name: str = "stop") ->
     return check_strings(field_name, stop)
 
 
+def check_token_ids(name: str, ids: Iterable[int], *, vocab_size: Optional[int]) -> tuple[int, ...]:
+    """Token ids (stop_token_ids) as a sorted tuple, each an int in the vocabulary."""
+    out = set()
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise InvalidParameterError(f"{name} must be token ids (ints), got {t!r}")
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise InvalidParameterError(f"{name}: token ids must be in [0, {vocab_size}), got {t}")
+        out.add(int(t))
+    return tuple(sorted(out))
+
+
+def check_min_tokens(min_tokens: Any, *, max_new_tokens: int, field_name: str = "max_new_tokens") -> int:
+    """min_tokens: an int in [0, max_new_tokens]."""
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer)):
+        raise InvalidParameterError(f"min_tokens must be an int, got {min_tokens!r}")
+    if not 0 <= min_tokens <= max_new_tokens:
+        raise InvalidParameterError(
+            f"min_tokens must be in [0, {field_name}={max_new_tokens}], got {min_tokens}")
+    return int(min_tokens)
+
+
 def make_sampling_params(
     *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     repetition_penalty: float = 1.0, seed: Optional[int] = None,
@@ -119,7 +144,8 @@ class TokenEvent:
     ``latency_s``: seconds from sending the step to this token being sampled (for the first
     token: from sending START), not counting time the consumer held the stream.
     ``endpoint``: the replica that served the token (set by a client given several endpoints);
-    ``failovers``: how many times the generation moved to another replica up to this token."""
+    ``failovers``: how many times the generation moved to another replica up to this token.
+    ``top_logprobs``: the most likely tokens of the same distribution, when asked for."""
 
     token_id: int
     text: str
@@ -128,6 +154,7 @@ class TokenEvent:
     latency_s: float = 0.0
     endpoint: Optional[str] = None
     failovers: int = 0
+    top_logprobs: Optional[tuple[tuple[int, float], ...]] = None  # (id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -184,6 +211,23 @@ def collect(events: Iterable[TokenEvent], *, return_logprobs: bool = False) -> G
 # ---------------------------------------------------------------------------- the loop
 
 
+def finish_token(text: Any, token: int, *, n: int, max_new_tokens: int, eos_token_id: Optional[int],
+                 stop_token_ids: Sequence[int] = (), min_tokens: int = 0) -> tuple[str, Optional[FinishReason]]:
+    """(text the token makes visible, the finish it causes) for the n-th generated token;
+    text: the generation's TextStream, or None. eos and stop_token_ids end it (their own
+    text is not shown; they cannot come before min_tokens: they are banned until then);
+    stop strings are looked for only from token min_tokens + 1 on (vLLM's rule)."""
+    if token == eos_token_id or token in stop_token_ids:
+        return (text.flush() if text else ""), "eos" if token == eos_token_id else "stop"
+    find = n > min_tokens
+    delta, stopped = text.push(token, find_stops=find) if text else ("", False)
+    if stopped:
+        return delta, "stop"
+    if n == max_new_tokens:
+        return delta + (text.flush(find_stops=find) if text else ""), "length"
+    return delta, None
+
+
 class Generation:
     """The sans-IO state of one generation. ``first_step()``, then ``advance(logits)`` with
     each step's logits until it returns no next step. Raises InvalidParameterError at
@@ -202,6 +246,9 @@ class Generation:
         return_logprobs: bool = False,
         vocab_size: Optional[int] = None,
         max_new_tokens_field: str = "max_new_tokens",
+        min_tokens: int = 0,
+        stop_token_ids: Iterable[int] = (),
+        top_logprobs: int = 0,
     ) -> None:
         self.max_new_tokens = check_max_new_tokens(max_new_tokens, n_positions=n_positions,
                                                    field_name=max_new_tokens_field)
@@ -216,7 +263,17 @@ class Generation:
             raise InvalidParameterError("stop strings need a tokenizer to find them in the text")
         params.validate()
         self.eos_token_id = eos_token_id
-        self.return_logprobs = return_logprobs
+        self.min_tokens = check_min_tokens(min_tokens, max_new_tokens=self.max_new_tokens,
+                                           field_name=max_new_tokens_field)
+        self.stop_token_ids = check_token_ids("stop_token_ids", stop_token_ids, vocab_size=vocab_size)
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)) \
+                or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParameterError(f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+        self.top_logprobs = int(top_logprobs)
+        self.return_logprobs = bool(return_logprobs or self.top_logprobs)
+        # vLLM's min_tokens: eos and the stop token ids cannot be picked before min_tokens tokens
+        ends = set(self.stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
+        self._banned = tuple(sorted(ends)) if self.min_tokens else ()
         self.sampler = Sampler(params)
         self._text = None
         if tokenizer is not None:
@@ -234,10 +291,11 @@ class Generation:
     @property
     def argmax_only(self) -> bool:
         """True when the next token is the argmax of the logits and nothing else of them is used
-        (greedy, no penalty, no log-probs). A step may then answer the token id alone
-        (the `gpt` model's output_ids, 8 bytes) instead of vocab_size floats of logits."""
+        (greedy, no penalty, no log-probs, no ids banned by min_tokens). A step may then answer
+        the token id alone (the `gpt` model's output_ids, 8 bytes) instead of vocab_size floats
+        of logits."""
         p = self.sampler.params
-        return p.greedy and not p.penalised and not self.return_logprobs
+        return p.greedy and not p.penalised and not self.return_logprobs and not self._banned
 
     @property
     def last_token(self) -> int:
@@ -261,29 +319,24 @@ class Generation:
             raise RuntimeError("advance() after the generation finished")
         n_prompt, n = len(self.prompt_ids), len(self.generated)
         output = np.asarray(output)
+        top = None
         if output.dtype.kind in "iu":
             token, logprob = self._server_token(output), None
         else:
             token, logprob = self.sampler.sample(output.reshape(-1), self._history[: n_prompt + n], n_prompt=n_prompt,
-                                                 logprob=self.return_logprobs)
+                                                 logprob=self.return_logprobs,
+                                                 banned=self._banned if n < self.min_tokens else ())
+            if self.top_logprobs:
+                top = tuple(self.sampler.top_logprobs(self.top_logprobs))
         self.generated.append(token)
         self._history[n_prompt + n] = token
         n += 1
-        finish: Optional[FinishReason] = None
-        if token == self.eos_token_id:
-            finish = "eos"  # the eos token's own text is not shown
-            delta = self._text.flush() if self._text else ""
-        else:
-            delta, stopped = self._text.push(token) if self._text else ("", False)
-            if stopped:
-                finish = "stop"
-            elif n == self.max_new_tokens:
-                finish = "length"
-                if self._text:
-                    delta += self._text.flush()
+        delta, finish = finish_token(self._text, token, n=n, max_new_tokens=self.max_new_tokens,
+                                     eos_token_id=self.eos_token_id, stop_token_ids=self.stop_token_ids,
+                                     min_tokens=self.min_tokens)
         self.finish_reason = finish
         event = TokenEvent(token, delta, logprob if self.return_logprobs else None, finish,
-                           time.perf_counter() - sent_at)
+                           time.perf_counter() - sent_at, top_logprobs=top)
         if finish is not None:
             return event, None
         # the step whose logits give the last token also ends the sequence

@@ -46,6 +46,7 @@ from serving.sampling_filters import (
     filtered_probs,
     inverse_cdf,
     logits_to_probs,
+    top_ids,
     work_array,
 )
 from serving.sampling_params import SamplingParams, check_logits, check_previous_ids, max_or_raise
@@ -87,6 +88,10 @@ class Sampler:
     (what OpenAI's ``logprobs`` and vLLM's default ``raw_logprobs`` report); the
     processed distribution can always be recomputed with ``logits_to_probs``.
 
+    ``top_logprobs(n)`` after a ``sample`` gives the n most likely tokens of that same raw
+    distribution (OpenAI's ``top_logprobs``), computed with the same float64 arithmetic, so
+    the chosen token's entry there equals the ``logprob`` that ``sample`` returned.
+
     Not thread-safe: one Sampler per sequence, used by one thread at a time.
     """
 
@@ -101,29 +106,39 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
         self.num_draws = 0  # rng.random() calls so far; lockstep check for callers
         self._ws = Scratch()
+        self._last: tuple[int, float, float] | None = None  # (V, max, log of sum of exp) of the last sample
 
     def sample(
         self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = (), *, logprob: bool = True,
-        n_prompt: int = 0,
+        n_prompt: int = 0, banned: Sequence[int] = (),
     ) -> tuple[int, float]:
         """Next token from logits (V,); previous_ids = prompt + generated ids so far, of which
         the first ``n_prompt`` are the prompt (presence/frequency penalties skip those).
 
         logprob=False skips the token's log-probability (NaN instead): a full pass over the
         vocabulary per token that a caller who does not report it need not pay (0.5 ms at 50257).
-        The token, and the random draws, are the same either way."""
+        The token, and the random draws, are the same either way.
+
+        banned: ids that cannot be picked (their logits are -inf for the pick; vLLM's min_tokens
+        processor, which runs before the penalties). The log-prob stays the raw model's."""
         logits = check_logits(logits)
         params, ws, n = self.params, self._ws, logits.shape[0]
         raw = work_array(ws, "raw", n)  # (V,) float64 copy of the model's logits
         np.copyto(raw, logits)
         m = max_or_raise(raw)
+        self._last = None
         penalised = params.penalised
-        if penalised:
+        if penalised or len(banned):
             x = work_array(ws, "penalised", n)
             np.copyto(x, raw)
-            history = check_previous_ids(previous_ids, n)
-            penalise(x, history, params.repetition_penalty)
-            penalise_additive(x, history[n_prompt:], params.presence_penalty, params.frequency_penalty)
+            if len(banned):
+                x[np.asarray(banned, dtype=np.int64)] = -np.inf
+                if not x.max() > -np.inf:
+                    raise ValueError("every token with a finite logit is banned: nothing to pick")
+            if penalised:
+                history = check_previous_ids(previous_ids, n)
+                penalise(x, history, params.repetition_penalty)
+                penalise_additive(x, history[n_prompt:], params.presence_penalty, params.frequency_penalty)
         else:
             x = raw
         total_raw = None  # sum(exp(raw - m)), when a step below computes it anyway
@@ -135,7 +150,7 @@ class Sampler:
             ids, p, total = filtered_probs(
                 z, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, ws=ws
             )
-            if not penalised and params.temperature == 1.0:
+            if x is raw and params.temperature == 1.0:
                 total_raw = total
             u = float(self.rng.random())  # the one draw for this token
             self.num_draws += 1
@@ -147,7 +162,19 @@ class Sampler:
             return token, math.nan
         if total_raw is None:
             total_raw = float(exp_flushed(np.subtract(raw, m, out=work_array(ws, "lse", n)), ws, "lse").sum())
-        return token, float(raw[token] - m - math.log(total_raw))
+        self._last = (n, m, math.log(total_raw))
+        return token, float(raw[token] - m - self._last[2])
+
+    def top_logprobs(self, k: int) -> list[tuple[int, float]]:
+        """The k most likely tokens of the last ``sample``'s raw distribution, most likely
+        first (ties: the lower id), with their log-probs. Needs that sample's logprob."""
+        if self._last is None:
+            raise RuntimeError("top_logprobs() needs a sample(..., logprob=True) first")
+        n, m, log_total = self._last
+        raw = work_array(self._ws, "raw", n)  # still the last sample's (shifted or not: m says)
+        ids = top_ids(raw, k, self._ws)
+        values = raw[ids] - m - log_total  # the same float64 steps as sample's logprob
+        return [(int(i), float(v)) for i, v in zip(ids, values)]
 
     def sample_batch(
         self, logits: np.ndarray, previous_ids: Sequence[Sequence[int] | np.ndarray]

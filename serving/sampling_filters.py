@@ -77,6 +77,12 @@ def _top_m_indices(x: np.ndarray, m: int, ws: Scratch | None = None) -> np.ndarr
     return idx if cand is None else cand[idx]
 
 
+def top_ids(x: np.ndarray, m: int, ws: Scratch | None = None) -> np.ndarray:
+    """Ids of the m largest values of x (V,), largest first; ties go to the lower id."""
+    idx = _top_m_indices(x, min(m, x.shape[0]), ws)  # ascending ids
+    return idx[np.argsort(-x[idx], kind="stable")]
+
+
 def exp_flushed(z: np.ndarray, ws: Scratch | None = None, name: str = "exp") -> np.ndarray:
     """exp of z <= 0; results that would be subnormal (< 2.2e-308) are flushed to 0.
 

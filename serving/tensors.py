@@ -176,6 +176,10 @@ GENERATE_INPUTS = [
     TensorSpec("seed", "uint64", (1,), optional=True, doc="seed of the sampler (random_seed's other name)"),
     TensorSpec("exclude_input_in_output", "bool", (1,), optional=True,
                doc="false: text_output starts with the prompt (default true)"),
+    # vLLM's extras
+    TensorSpec("min_tokens", "int64", (1,), optional=True,
+               doc="end_id and stop_token_ids banned, stop_words not looked for, before this many tokens"),
+    TensorSpec("stop_token_ids", "int64", (-1,), optional=True, doc="token ids that end the generation (stop)"),
 ]
 GENERATE_OUTPUTS = [
     TensorSpec("text_output", "bytes", (1,), doc="the text (streaming: this response's delta)"),

@@ -264,6 +264,10 @@ class TextStream:
     string is held back until it cannot, so a stop string spread over several tokens is
     found too; the emitted text (``.text``) never contains a stop string or anything
     after it. Once stopped, further pushes return ("", True).
+
+    ``push(token_id, find_stops=False)`` adds text in which no stop string is looked for
+    (vLLM's ``min_tokens``: the first tokens' text is not searched); a later stop string
+    may still start in it, as long as it ends in text pushed with ``find_stops``.
     """
 
     def __init__(
@@ -284,25 +288,28 @@ class TextStream:
         self.stopped = False
         self.text = ""  # everything emitted so far
         self._held = ""  # text not emitted yet: it may be the start of a stop string
+        self._quiet = 0  # the first chars of _held were pushed with find_stops=False
         self._detok = IncrementalDetokenizer(
             tokenizer, prompt_ids=prompt_ids, skip_special_tokens=skip_special_tokens
         )
 
-    def push(self, token_id: int) -> tuple[str, bool]:
+    def push(self, token_id: int, *, find_stops: bool = True) -> tuple[str, bool]:
         """Add one token; return (text safe to show now, whether a stop string was hit)."""
         if self.stopped:
             return "", True
-        return self._emit(self._detok.push(token_id), final=False), self.stopped
+        return self._emit(self._detok.push(token_id), final=False, find=find_stops), self.stopped
 
-    def flush(self) -> str:
+    def flush(self, *, find_stops: bool = True) -> str:
         """At the end of generation: the held-back and pending text (stop strings still cut)."""
         if self.stopped:
             return ""
-        return self._emit(self._detok.flush(), final=True)
+        return self._emit(self._detok.flush(), final=True, find=find_stops)
 
-    def _emit(self, new_text: str, *, final: bool) -> str:
+    def _emit(self, new_text: str, *, final: bool, find: bool = True) -> str:
         buf = self._held + new_text
-        hits = [i for i in (buf.find(s) for s in self.stop) if i >= 0]
+        # a stop string counts only where it ends past the quiet text
+        hits = [i for i in (buf.find(s, max(0, self._quiet - len(s) + 1)) for s in self.stop) if i >= 0] \
+            if find else []
         if hits:
             out, self._held, self.stopped = buf[: min(hits)], "", True
         elif final:
@@ -310,6 +317,7 @@ class TextStream:
         else:
             keep = self._partial_stop_len(buf)
             out, self._held = buf[: len(buf) - keep], buf[len(buf) - keep :]
+        self._quiet = max(0, self._quiet - len(out)) if find else len(self._held)
         self.text += out
         return out
 

@@ -49,6 +49,9 @@ good = {
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
     "exclude_input_in_output": st.booleans(),
+    # vLLM's extras
+    "min_tokens": st.integers(0, 6),
+    "stop_token_ids": st.lists(st.integers(0, 511), max_size=3),
 }
 misspelled = st.sampled_from(FIELDS).map(lambda f: f[:-1] if len(f) > 4 else f + "s")
 

@@ -43,7 +43,10 @@ BAD = [
     (COMPLETIONS, {"model": MODEL, "prompt": {"a": 1}}, 400, "prompt", None),
     (COMPLETIONS, {"prompt": "x"}, 400, "model", "missing_required_parameter"),
     (COMPLETIONS, {"model": "gpt-4", "prompt": "x"}, 404, "model", "model_not_found"),
-    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "logprobs", "unsupported_parameter"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs", "invalid_value"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", None),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "min_tokens": -1}, 400, "min_tokens", "invalid_value"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "logprobs": 1, "echo": True}, 400, "echo", "unsupported_parameter"),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "stream_options": {"include_usge": True}}, 400,
      "stream_options.include_usge", "unknown_parameter"),
     (CHAT, {"model": MODEL, "messages": []}, 400, "messages", "invalid_value"),
@@ -57,8 +60,10 @@ BAD = [
      "unsupported_parameter"),
     (CHAT, {"model": MODEL, "messages": USER, "max_completion_tokens": 1000}, 400, "messages",
      "context_length_exceeded"),
-    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 2}, 400, "top_logprobs",
-     "unsupported_parameter"),
+    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+     "invalid_value"),
+    (CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "top_logprobs", None),
+    (CHAT, {"model": MODEL, "messages": USER, "max_tokens": 3, "min_tokens": 4}, 400, "min_tokens", None),
 ]
 
 

@@ -99,7 +99,8 @@ class AsyncClient(_ClientBase):
                      repetition_penalty: float = 1.0, stop: Union[str, Sequence[str]] = (),
                      seed: Optional[int] = None, mode: Mode = "client", return_logprobs: bool = False,
                      ignore_eos: bool = False, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0) -> AsyncIterator[TokenEvent]:
+                     frequency_penalty: float = 0.0, min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
+                     top_logprobs: int = 0) -> AsyncIterator[TokenEvent]:
         """:meth:`Client.events` for asyncio: the TokenEvents of one generation (a text prompt
         or token ids). Arguments, the prompt's length included, are checked before it returns;
         ``aclose()`` the iterator to stop early (the sequence's END is sent)."""
@@ -110,7 +111,9 @@ class AsyncClient(_ClientBase):
                             return_logprobs=return_logprobs, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty)
         await self.setup()
-        generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)[0]
+        generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos,
+                                       min_tokens=min_tokens, stop_token_ids=stop_token_ids,
+                                       top_logprobs=top_logprobs)[0]
         await self._check_step_model(request)
         return self._events(generation, request)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -81,7 +82,8 @@ class _ClientBase:
         self._tokenizer, self._config = tokenizer, config
 
     def _generations(self, request: _Request, *, prompt_ids: Optional[list[int]] = None,
-                     ignore_eos: bool = False) -> list[Generation]:
+                     ignore_eos: bool = False, min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
+                     top_logprobs: int = 0) -> list[Generation]:
         """Tokenize and validate every prompt (prompt length against the context).
         prompt_ids: token ids given instead of the (single) text prompt."""
         assert self._tokenizer is not None and self._config is not None
@@ -98,7 +100,8 @@ class _ClientBase:
                     ids, max_new_tokens=request.max_new_tokens, params=request.params,
                     n_positions=self._config.n_positions, vocab_size=self._config.vocab_size,
                     eos_token_id=None if ignore_eos else self._config.eos_token_id, stop=request.stop,
-                    tokenizer=self._tokenizer, return_logprobs=request.return_logprobs))
+                    tokenizer=self._tokenizer, return_logprobs=request.return_logprobs,
+                    min_tokens=min_tokens, stop_token_ids=stop_token_ids, top_logprobs=top_logprobs))
             except InvalidParameterError as e:
                 if request.single:
                     raise

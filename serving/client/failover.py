@@ -40,7 +40,14 @@ import numpy as np
 
 from serving.client.request import _new_correlation_id, _Request, _strip_scheme
 from serving.client.routing import Router, grpc_ready_probe, http_ready_probe, resolve_addresses
-from serving.generation import Generation, GptpipeError, ServerError, ServerUnavailableError, TokenEvent
+from serving.generation import (
+    Generation,
+    GptpipeError,
+    ServerError,
+    ServerUnavailableError,
+    TokenEvent,
+    finish_token,
+)
 from serving.health import split_host_port
 
 logger = logging.getLogger(__name__)
@@ -318,6 +325,9 @@ class _Continuation:
         inputs["input_ids"] = np.asarray(ids, dtype=self.inputs["input_ids"].dtype)
         budget = self.request.max_new_tokens - len(self.ids)
         inputs["max_tokens"] = np.asarray([budget], dtype=self.inputs["max_tokens"].dtype)
+        if "min_tokens" in inputs:  # what is left of it
+            left = max(0, self.generation.min_tokens - len(self.ids))
+            inputs["min_tokens"] = np.asarray([left], dtype=self.inputs["min_tokens"].dtype)
         if not self.request.params.greedy:  # no sampler position in `generate`'s inputs: a derived seed
             digest = hashlib.blake2b(f"{self.generation.seed}:{len(self.ids)}".encode(), digest_size=8).digest()
             seed = int.from_bytes(digest, "big") >> 1
@@ -328,13 +338,11 @@ class _Continuation:
         """Record the event's token; after a move, its text and finish are decided here."""
         self.ids.append(event.token_id)
         g, n = self.generation, len(self.ids)
-        if event.token_id == g.eos_token_id:
-            delta, finish = self._text.flush(), "eos"
-        else:
-            delta, stopped = self._text.push(event.token_id)
-            finish = "stop" if stopped else "length" if n == self.request.max_new_tokens else None
-            if finish == "length" or (finish is None and event.finish_reason is not None):
-                delta += self._text.flush()
+        delta, finish = finish_token(self._text, event.token_id, n=n, max_new_tokens=self.request.max_new_tokens,
+                                     eos_token_id=g.eos_token_id, stop_token_ids=g.stop_token_ids,
+                                     min_tokens=g.min_tokens)
+        if finish is None and event.finish_reason is not None:
+            delta += self._text.flush()
         if not self.moved:
             return event
         return replace(event, text=delta, finish_reason=finish or event.finish_reason)

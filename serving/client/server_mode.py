@@ -26,6 +26,7 @@ from serving.client.request import _new_correlation_id, _Request
 from serving.generation import (
     Generation,
     GptpipeError,
+    InvalidParameterError,
     ServerUnavailableError,
     TokenEvent,
 )
@@ -34,7 +35,11 @@ logger = logging.getLogger(__name__)
 
 
 def _generate_inputs(generation: Generation, request: _Request) -> dict[str, np.ndarray]:
-    """The `generate` model's inputs for one prompt (names and dtypes from the table)."""
+    """The `generate` model's inputs for one prompt (names and dtypes from the table). The
+    `generate` model streams no alternatives: top_logprobs needs the client-side loop."""
+    if generation.top_logprobs:
+        raise InvalidParameterError("top_logprobs needs mode='client': the generate model (mode='server') "
+                                    "returns only the chosen tokens' log-probs")
     p = request.params
     values: dict[str, Any] = {
         "input_ids": np.asarray(generation.prompt_ids, dtype=np.int64),
@@ -53,6 +58,10 @@ def _generate_inputs(generation: Generation, request: _Request) -> dict[str, np.
     }
     if request.stop:
         values["stop_words"] = [s.encode("utf-8") for s in request.stop]
+    if generation.min_tokens:
+        values["min_tokens"] = [generation.min_tokens]
+    if generation.stop_token_ids:
+        values["stop_token_ids"] = list(generation.stop_token_ids)
     specs = {spec.name: spec for spec in tensors.GENERATE_INPUTS}
     out = {}
     for name, value in values.items():
@@ -158,7 +167,8 @@ def _stream_failed(responses: queue.Queue, e: Exception, url: str) -> Exception:
 
 def _http_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:
     """Events of one request through the HTTP generate extension (generate_stream, SSE)."""
-    body = {name: (array.tolist() if name in ("input_ids", "stop_words") else array.reshape(-1)[0].item())
+    body = {name: (array.tolist() if name in ("input_ids", "stop_words", "stop_token_ids")
+                   else array.reshape(-1)[0].item())
             for name, array in inputs.items()}
     if "stop_words" in body:
         body["stop_words"] = [s.decode("utf-8") for s in inputs["stop_words"]]

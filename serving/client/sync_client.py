@@ -116,10 +116,14 @@ class Client(_ClientBase):
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                stop: Union[str, Sequence[str]] = (), seed: Optional[int] = None, mode: Mode = "client",
                return_logprobs: bool = False, ignore_eos: bool = False, presence_penalty: float = 0.0,
-               frequency_penalty: float = 0.0) -> Iterator[TokenEvent]:
+               frequency_penalty: float = 0.0, min_tokens: int = 0,
+               stop_token_ids: Sequence[int] = (), top_logprobs: int = 0) -> Iterator[TokenEvent]:
         """The TokenEvents of one generation (token id, text delta, logprob, latency_s), for
         callers that want more than text: e.g. a benchmark, with a prompt of token ids and
-        ignore_eos=True for exactly max_new_tokens tokens. Close it to stop early."""
+        ignore_eos=True for exactly max_new_tokens tokens. Close it to stop early.
+        vLLM's extras: ``min_tokens`` (eos and ``stop_token_ids`` are banned, and stop strings
+        not looked for, before that many tokens), ``stop_token_ids`` (end the generation,
+        finish "stop"), ``top_logprobs`` (each event's ``top_logprobs``: mode="client" only)."""
         prompt_ids = None if isinstance(prompt, str) else _check_ids(prompt)
         request = _validate(prompt if prompt_ids is None else "<ids>", max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
@@ -127,7 +131,9 @@ class Client(_ClientBase):
                             return_logprobs=return_logprobs, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty)
         self._setup()
-        generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos)[0]
+        generation = self._generations(request, prompt_ids=prompt_ids, ignore_eos=ignore_eos,
+                                       min_tokens=min_tokens, stop_token_ids=stop_token_ids,
+                                       top_logprobs=top_logprobs)[0]
         return self._events(generation, request)
 
     def close(self) -> None:

@@ -80,15 +80,20 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     fmt = req.response_format
     if fmt is not None and fmt.get("type") != "text":
         raise not_supported("response_format", f"of type {fmt.get('type')!r} (only 'text')")
-    if req.top_logprobs:
-        raise not_supported("top_logprobs", "> 0 (logprobs=true gives the chosen tokens' log-probs)")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
 
 
 def _token_logprobs(tokens: list[Token]) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=[TokenLogprob(token=t.text, logprob=t.logprob if t.logprob is not None else 0.0,
-                                                bytes=list(t.text.encode("utf-8"))) for t in tokens])
+                                                bytes=list(t.text.encode("utf-8")),
+                                                top_logprobs=_alternatives(t)) for t in tokens])
+
+
+def _alternatives(token: Token) -> list[dict[str, Any]]:
+    """OpenAI's top_logprobs entries of one token: the N most likely, most likely first."""
+    return [{"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            for text, logprob in token.top_logprobs or ()]
 
 
 async def create_chat_completion(req: ChatCompletionRequest, engine: Engine, metrics: Metrics, model: str,
@@ -106,7 +111,8 @@ async def create_chat_completion(req: ChatCompletionRequest, engine: Engine, met
     ids = await engine.encode(text, param="messages", max_tokens=asked or 1, max_tokens_field=field)
     # no max_tokens: as much as the context leaves (OpenAI's default for chat)
     max_tokens = asked or max(1, limit - len(ids))
-    sampling = sampling_of(req, max_tokens=max_tokens, logprobs=req.logprobs)
+    sampling = sampling_of(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                           top_logprobs=req.top_logprobs or 0, max_tokens_field=field)
     await engine.check_prompt(ids, sampling, param="messages", max_tokens_field=field)
     timer = Timer(metrics)
     if req.stream:

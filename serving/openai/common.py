@@ -18,13 +18,14 @@ from serving.openai.protocol import MAX_STOP, _Sampling
 DONE_EVENT = "data: [DONE]\n\n"
 
 
-def sampling_of(req: _Sampling, *, max_tokens: int, logprobs: bool, max_tokens_field: str = "max_tokens"
-                ) -> Sampling:
+def sampling_of(req: _Sampling, *, max_tokens: int, logprobs: bool, top_logprobs: int = 0,
+                max_tokens_field: str = "max_tokens") -> Sampling:
     """Sampling for a validated request; 400 for what this server does not do."""
     if req.logit_bias:
         raise not_supported("logit_bias")
-    if req.min_tokens:
-        raise not_supported("min_tokens", "(> 0)")
+    if req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens must be <= {max_tokens_field} ({max_tokens}), got {req.min_tokens}",
+                          "min_tokens")
     stop = req.stop
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
     if len(stops) > MAX_STOP:
@@ -43,7 +44,9 @@ def sampling_of(req: _Sampling, *, max_tokens: int, logprobs: bool, max_tokens_f
         stop=stops,
         stop_token_ids=frozenset(req.stop_token_ids or ()),
         seed=req.seed,
-        logprobs=logprobs,
+        logprobs=logprobs or top_logprobs > 0,
+        top_logprobs=top_logprobs,
+        min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         fields=tuple(type(req).model_fields),
     )

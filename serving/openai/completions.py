@@ -59,11 +59,10 @@ async def create_completion(req: CompletionRequest, engine: Engine, metrics: Met
         raise not_supported("suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise not_supported("best_of", "(other than n)")
-    if req.logprobs is not None and req.logprobs > 0:
-        raise not_supported("logprobs", "> 0 (top alternatives; 0 gives the chosen tokens' log-probs)")
     if req.echo and req.logprobs is not None:
         raise not_supported("echo", "with logprobs (prompt log-probs)")
-    sampling = sampling_of(req, max_tokens=req.max_tokens or 16, logprobs=req.logprobs is not None)
+    sampling = sampling_of(req, max_tokens=req.max_tokens or 16, logprobs=req.logprobs is not None,
+                           top_logprobs=req.logprobs or 0)
     texts = prompts_of(req.prompt)
     prompts = [await engine.encode(p, param="prompt", max_tokens=sampling.max_tokens) if isinstance(p, str) else p
                for p in texts]
@@ -86,12 +85,20 @@ async def create_completion(req: CompletionRequest, engine: Engine, metrics: Met
 
 
 def _logprobs(tokens: Sequence[Token], offset: int) -> CompletionLogprobs:
-    out = CompletionLogprobs()
+    """OpenAI's legacy logprobs. top_logprobs (logprobs > 0): per token a {text: logprob} dict
+    of the most likely tokens; two ids that decode to the same text keep the likelier one
+    (as vLLM's dict does), so a dict may hold fewer than N entries."""
+    out = CompletionLogprobs(top_logprobs=[] if tokens and tokens[0].top_logprobs is not None else None)
     for t in tokens:
         out.tokens.append(t.text)
         out.token_logprobs.append(t.logprob)
         out.text_offset.append(offset)
         offset += len(t.text)
+        if out.top_logprobs is not None:
+            top: dict[str, float] = {}
+            for text, logprob in t.top_logprobs or ():
+                top.setdefault(text, logprob)
+            out.top_logprobs.append(top)
     return out
 
 

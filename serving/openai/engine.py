@@ -38,6 +38,8 @@ class Sampling:
     stop_token_ids: frozenset[int] = frozenset()
     seed: Optional[int] = None
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (implies logprobs)
+    min_tokens: int = 0
     ignore_eos: bool = False
     fields: Sequence[str] = field(default=(), compare=False)  # the request's field names, for errors
 
@@ -51,6 +53,7 @@ class Token:
     logprob: Optional[float]
     finish_reason: Optional[str]  # OpenAI's: "stop" | "length" | None
     latency_s: float
+    top_logprobs: Optional[list[tuple[str, float]]] = None  # (token text, logprob), most likely first
 
 
 class Engine:
@@ -141,16 +144,23 @@ class Engine:
         cancelling at every await), that task is told to stop: it lets the step in flight
         answer, then closes the iterator, whose END step (on the same stream) frees the KV
         slot. (Cancelling the step in flight instead made the END race it on a new stream,
-        and the slot could stay taken until the idle timeout.)"""
+        and the slot could stay taken until the idle timeout.)
+
+        min_tokens and stop_token_ids run in the generation loop (either one). A request with
+        top_logprobs runs on the client-side loop even when this frontend drives the
+        server-side one: the `generate` model streams only the chosen tokens' log-probs, and
+        the alternatives need the logits, which the client-side loop has at every step."""
         client = await self.client()
         seed = None if sampling.seed is None else sampling.seed + seed_offset
+        mode: Loop = "client" if sampling.top_logprobs else self.loop
         try:
             events = await client.events(
                 list(prompt_ids), max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
                 top_k=sampling.top_k, top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
-                stop=sampling.stop, seed=seed, mode=self.loop, return_logprobs=sampling.logprobs,
+                stop=sampling.stop, seed=seed, mode=mode, return_logprobs=sampling.logprobs,
                 ignore_eos=sampling.ignore_eos, presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty)
+                frequency_penalty=sampling.frequency_penalty, min_tokens=sampling.min_tokens,
+                stop_token_ids=sorted(sampling.stop_token_ids), top_logprobs=sampling.top_logprobs)
         except GptpipeError as e:
             raise from_client_error(e, fields=sampling.fields) from None
         queue: asyncio.Queue = asyncio.Queue()
@@ -165,11 +175,10 @@ class Engine:
                     raise from_client_error(item, fields=sampling.fields)
                 if isinstance(item, BaseException):
                     raise item
-                if item.token_id in sampling.stop_token_ids:
-                    yield Token(item.token_id, "", item.logprob, "stop", item.latency_s)
-                    return
                 finish = FINISH.get(item.finish_reason) if item.finish_reason else None
-                yield Token(item.token_id, item.text, item.logprob, finish, item.latency_s)
+                top = None if item.top_logprobs is None else \
+                    [(client.tokenizer.decode([i]), lp) for i, lp in item.top_logprobs]
+                yield Token(item.token_id, item.text, item.logprob, finish, item.latency_s, top)
         finally:
             stop.set()  # the pump closes the client's iterator after the step in flight
 

@@ -3,7 +3,9 @@
 Text (`text_input`) or ids (`input_ids`) in; tokens out, one response per token when
 `stream` is true, else one final response. It also takes the inputs Triton's own OpenAI
 frontend sends TensorRT-LLM models (`seed`, `presence_penalty`, `frequency_penalty`,
-`exclude_input_in_output`) and answers `num_input_tokens` / `num_output_tokens`. The loop is serving.generation's, the same one
+`exclude_input_in_output`), vLLM's `min_tokens` and `stop_token_ids`, and answers
+`num_input_tokens` / `num_output_tokens`. (No top-N alternatives: only the chosen tokens'
+`output_log_probs`; the OpenAI frontend runs top_logprobs requests on the client-side loop.) The loop is serving.generation's, the same one
 the client runs: each step is a BLS call into the stateful `gpt` model under a correlation
 id of its own, so server-side generations share `gpt`'s engine, KV pool and batching with
 client-side ones. Every request runs in a worker thread (execute returns at once), so many
@@ -203,8 +205,14 @@ class TritonPythonModel:
             presence_penalty=check_float("presence_penalty", _scalar(request, "presence_penalty", 0.0)),
             frequency_penalty=check_float("frequency_penalty", _scalar(request, "frequency_penalty", 0.0)),
         )
+        min_tokens = _scalar(request, "min_tokens", 0)
+        min_tokens = check_int("min_tokens", min_tokens, lo=0, hi=max_tokens, why=" (<= max_tokens)")
+        stop_ids = pb_utils.get_input_tensor_by_name(request, "stop_token_ids")
+        stop_ids = () if stop_ids is None else stop_ids.as_numpy().reshape(-1).tolist()
         return Generation(
             prompt_ids,
+            min_tokens=min_tokens,
+            stop_token_ids=stop_ids,
             max_new_tokens=max_tokens,
             max_new_tokens_field="max_tokens",
             params=params,
