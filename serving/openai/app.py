@@ -28,6 +28,7 @@ from serving.openai.chat_template import load_chat_template
 from serving.openai.engine import Engine, Loop, until_disconnected
 from serving.openai.errors import OpenAIError, bad_request, from_validation_errors, unknown_model
 from serving.openai.metrics import Metrics
+from serving.openai.openapi import declare_request_bodies
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest, fields_at
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ def create_app(config: FrontendConfig) -> FastAPI:
     @app.get("/version")
     async def version() -> Any:
         return models.version()
+
+    declare_request_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest})
 
     return _Observe(app, metrics, api_key)  # type: ignore[return-value]
 
