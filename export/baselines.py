@@ -59,6 +59,22 @@ class _TokenClock:
         pass
 
 
+def write_hf_folder(source: str, folder: Path | str) -> Path:
+    """The source's weights (and tokenizer, where it has one) as a Hugging Face folder, the input
+    of the peer engines' converters; a folder already written from the same source is kept."""
+    from export.load import save_model
+    from export.sources import load_model
+
+    folder = Path(folder)
+    marker = folder / "gptpipe-source.txt"
+    if (folder / "model.safetensors").is_file() and marker.is_file() and marker.read_text() == str(source):
+        return folder
+    model, tokenizer = load_model(source)
+    save_model(model.float().eval(), tokenizer, folder)
+    marker.write_text(str(source))
+    return folder
+
+
 def load_transformers_model(hf_dir: Path | str, *, threads: int) -> Any:
     """GPT2LMHeadModel from a Hugging Face folder, eval mode, eager attention, fp32."""
     from transformers import GPT2LMHeadModel

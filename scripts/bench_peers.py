@@ -234,7 +234,7 @@ def ov_on_onnx(paths: dict[str, Path], work: Path, *, prompt_tokens: int, new_to
         ref = work / f"ort-ref-{p}.npz"
         np.savez(ref, prompt=np.asarray(prompt), tokens=np.asarray(tokens), logits=np.stack(rows),
                  kv_shape=np.asarray(pool.keys[0].shape))
-        cmd = [str(peers.peers_python()), str(peers.SCRIPTS / "ov_onnx.py"), "--onnx", str(engine), "--ref", str(ref),
+        cmd = [str(peers.peers_python(peer="openvino")), str(peers.SCRIPTS / "ov_onnx.py"), "--onnx", str(engine), "--ref", str(ref),
                "--threads", str(threads)] + (["--profile"] if profile else [])
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=peers.child_env())
         if done.returncode != 0:

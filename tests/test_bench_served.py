@@ -11,21 +11,14 @@ import struct
 
 import numpy as np
 import pytest
-import torch
-import typer
 from typer.testing import CliRunner
 
-from export.load import save_model
-from export.config import GPTConfig
-from export.model import GPT, generate_greedy
-from export.onnx import export_onnx
+from export.model import generate_greedy
 from serving.bench.levels import aggregate_pairs
 from serving.bench.report import ITL_PNG, THROUGHPUT_PNG
 from serving.bench.served import MODES, ServedGenerator
 from serving.bench.stats import random_prompts
-from serving.commands.bench import bench as bench_command
-from serving.repository import ServingOptions, write_repository
-from tests.conftest import train_tokenizer
+from tests.bench_fixtures import bench_cli as cli, tiny_bench_repository
 from tests.triton_fixtures import attach_server_log, start_server
 
 
@@ -34,27 +27,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def tiny_served(tmp_path_factory, request):
-    torch.manual_seed(0)
-    config = GPTConfig.from_preset("tiny")
-    model = GPT(config).eval()
-    root = tmp_path_factory.mktemp("bench")
-    exported = export_onnx(model, root / "export" / "gpt.onnx", validate=False)
-    repository = write_repository(root / "repo", engine_file=exported.path,
-                                  tokenizer_json=train_tokenizer(config.vocab_size).to_str(),
-                                  model_config=config.to_dict(),
-                                  # prompts over 16 tokens are prefilled in chunks (both loops, real server)
-                                  options=ServingOptions(max_sequences=4, max_num_batched_tokens=16))
-    checkpoint = save_model(model, None, root / "hf")  # the same weights, for the PyTorch baselines
+    model, repository, checkpoint = tiny_bench_repository(tmp_path_factory.mktemp("bench"))
     server = start_server(repository)
     yield model, repository, checkpoint, server
     server.stop()
-
-
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    app.command("bench")(bench_command)
-    app.callback()(lambda: None)  # keep `bench` a subcommand, as in `gptpipe bench`
-    return app
 
 
 @pytest.mark.parametrize("args, hint, message", [

@@ -79,6 +79,15 @@ def test_missing_venv_names_the_install_command(tmp_path, monkeypatch):
         peers.peers_python(tmp_path / "half")
     with pytest.raises(PeersUnavailable, match="not installed"):
         PeerWorker("llama.cpp", tmp_path / "half" / "bin" / "python", venv=tmp_path / "half")
+    # one peer installed (GPTPIPE_PEERS=openvino): the other is still missing, with its own command
+    peers.stamp(tmp_path / "half", "openvino").write_text("key")
+    assert peers.peers_python(tmp_path / "half", "openvino") == tmp_path / "half" / "bin" / "python"
+    assert peers.peers_python(tmp_path / "half") == tmp_path / "half" / "bin" / "python"  # any peer
+    with pytest.raises(PeersUnavailable, match=r"llama.cpp not installed.*GPTPIPE_PEERS=llama.cpp bash "
+                                                r"scripts/install_peers.sh"):
+        peers.peers_python(tmp_path / "half", "llama.cpp")
+    with pytest.raises(PeersUnavailable, match="llama.cpp not installed"):
+        PeerWorker("llama.cpp", tmp_path / "half" / "bin" / "python", venv=tmp_path / "half")
 
 
 def test_worker_arguments_are_checked_before_starting(tmp_path):
@@ -122,12 +131,21 @@ def test_placeholder_tokenizer_has_the_models_vocabulary(vocab_size, eos_id):
 peer_venv = pytest.mark.peers
 
 
-@pytest.fixture(scope="module")
-def peer_python():
+def _peer_python(peer: str):
     try:
-        return peers.peers_python()
+        return peers.peers_python(peer=peer)
     except PeersUnavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def llama_python():
+    return _peer_python("llama.cpp")
+
+
+@pytest.fixture(scope="module")
+def openvino_python():
+    return _peer_python("openvino")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +182,7 @@ PROMPTS = ([5, 17, 300, 42, 9, 11, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 5)
 
 
 @peer_venv
-def test_llama_cpp_matches_transformers(peer_python, tiny_hf, tmp_path):
+def test_llama_cpp_matches_transformers(llama_python, tiny_hf, tmp_path):
     folder, hf_model = tiny_hf
     records = peers.convert("gguf", folder, tmp_path, types=("f32", "q8_0"))
     assert {(r["type"], Path(r["path"]).name) for r in records} == {("f32", "f32.gguf"), ("q8_0", "q8_0.gguf")}
@@ -190,7 +208,7 @@ def test_llama_cpp_matches_transformers(peer_python, tiny_hf, tmp_path):
 
 
 @peer_venv
-def test_worker_timeout_kills_it_and_load_failures_are_reported(peer_python, tiny_hf, tmp_path):
+def test_worker_timeout_kills_it_and_load_failures_are_reported(llama_python, tiny_hf, tmp_path):
     folder, _ = tiny_hf
     peers.convert("gguf", folder, tmp_path, types=("f32",))
     worker = PeerWorker("llama.cpp", tmp_path / "f32.gguf", threads=1, n_ctx=128, timeout_s=1e-4)
@@ -209,7 +227,7 @@ def test_worker_timeout_kills_it_and_load_failures_are_reported(peer_python, tin
 
 
 @peer_venv
-def test_openvino_matches_transformers(peer_python, tiny_hf, tmp_path):
+def test_openvino_matches_transformers(openvino_python, tiny_hf, tmp_path):
     folder, hf_model = tiny_hf
     peers.convert("openvino", folder, tmp_path, types=("fp32",))
     with PeerWorker("openvino", tmp_path / "fp32", threads=1) as worker:

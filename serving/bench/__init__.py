@@ -22,5 +22,7 @@ The modules, lowest first (each imports only those above it; this file imports n
 - `run`: one run against one server (`BenchOptions`, `run_bench`);
 - `procs`, `perf_analyzer`, `numbered_tokenizer`, `exports`: the suite's child processes,
   perf_analyzer, the tokenizer of random-weight exports, export-model runs;
+- `peers`, `peer_bench`: the peer engines' workers (OpenVINO GenAI, llama.cpp, in their own venv) and
+  their paired timing in a run (`--peers`), the peer rows of `ratios`;
 - `targets`: the targets suite (`run_targets`, `TARGETS`, `judge`).
 """

@@ -15,7 +15,7 @@ from serving.bench.ort_loop import OrtLoop
 from serving.bench.probes import bandwidth_limit, measure_read_bandwidth
 from serving.bench.progress import NoProgress, Progress
 from serving.bench.served import ServedModel
-from serving.bench.stats import Generator, RequestTiming, level_stats
+from serving.bench.stats import Generator, RequestTiming, greedy_agreement, level_stats
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,33 @@ def _baseline_entry(timings: Sequence[RequestTiming], *, output_tokens: int, not
         entry["paired_served"] = level_stats(paired, concurrency=1, output_tokens=output_tokens).to_dict()
         entry["paired_ratios"] = pairs
         entry["paired_ratio"] = float(np.median(pairs))
+        ttft_pairs = [s.ttft / b.ttft for s, b in zip(paired, timings)]
+        entry["paired_ttft_ratios"] = ttft_pairs  # served TTFT / baseline TTFT, same prompt
+        entry["paired_ttft_ratio"] = float(np.median(ttft_pairs))
+        if all(s.tokens for s in paired):
+            entry["greedy_agreement_with_served"] = greedy_agreement([s.tokens for s in paired],
+                                                                     [b.tokens for b in timings])
     return entry
+
+
+def paired_run(generate: Generator, prompts: Sequence[Sequence[int]], *, output_tokens: int, note: str,
+               label: str, served_generator: Optional[Generator] = None,
+               reference: Optional[Sequence[RequestTiming]] = None,
+               progress: Progress = NoProgress()) -> dict[str, Any]:
+    """One baseline's entry: a warm-up, then per prompt a served request (when served_generator
+    is given) right before the baseline's request of the same prompt."""
+    progress.start(f"baseline: {label}" + (" (paired with served requests)" if served_generator else ""),
+                   len(prompts) + 1)
+    generate(prompts[0][: min(len(prompts[0]), 16)], 4)  # warm-up, not measured
+    progress.advance()
+    timings: list[RequestTiming] = []
+    paired: list[RequestTiming] = []
+    for p in prompts:
+        if served_generator is not None:
+            paired.append(served_generator(p, output_tokens))
+        timings.append(generate(p, output_tokens))
+        progress.advance()
+    return _baseline_entry(timings, output_tokens=output_tokens, note=note, reference=reference, paired=paired)
 
 
 def measure_baselines(served: ServedModel, *, prompts: Sequence[Sequence[int]], output_tokens: int,
@@ -68,19 +94,8 @@ def measure_baselines(served: ServedModel, *, prompts: Sequence[Sequence[int]], 
     progress.advance()
 
     def run(key: str, generate: Generator, note: str) -> None:
-        progress.start(f"baseline: {key}" + (" (paired with served requests)" if served_generator else ""),
-                       len(prompts) + 1)
-        generate(prompts[0][: min(len(prompts[0]), 16)], 4)  # warm-up, not measured
-        progress.advance()
-        timings: list[RequestTiming] = []
-        paired: list[RequestTiming] = []
-        for p in prompts:
-            if served_generator is not None:
-                paired.append(served_generator(p, output_tokens))
-            timings.append(generate(p, output_tokens))
-            progress.advance()
-        out[key] = _baseline_entry(timings, output_tokens=output_tokens, note=note, reference=reference,
-                                   paired=paired)
+        out[key] = paired_run(generate, prompts, output_tokens=output_tokens, note=note, label=key,
+                              served_generator=served_generator, reference=reference, progress=progress)
 
     try:
         loop = OrtLoop(served.engine, threads=threads, max_length=served.config["n_positions"])

@@ -62,6 +62,14 @@ class OrtLoop:
         return RequestTiming(sent=sent, token_times=tuple(times), prompt_tokens=len(prompt), tokens=tuple(tokens))
 
 
+    def logits(self, prompt: Sequence[int]) -> np.ndarray:
+        """The next-token logits after `prompt` (one prefill), float32 (vocab,)."""
+        if len(prompt) > self.pool.max_length:
+            raise ValueError(f"prompt ({len(prompt)}) exceeds the context length {self.pool.max_length}")
+        logits = self.runtime.step(np.asarray([prompt], dtype=np.int64), pool=self.pool, slot_start=0,
+                                   past_lengths=np.zeros(1, dtype=np.int64))
+        return np.asarray(logits[0], dtype=np.float32)
+
     def forced_argmax(self, prompt: Sequence[int], tokens: Sequence[int]) -> list[int]:
         """This engine's greedy choice at each position of `prompt` + `tokens`, reading `tokens`
         (teacher forcing): choice i is made after tokens[:i]."""

@@ -30,12 +30,16 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 ENGINES = ("llama.cpp", "openvino", "openvino-cb")
+PEERS = ("openvino", "llama.cpp")  # what `gptpipe bench --peers` and GPTPIPE_PEERS name
+ENGINE_PEER = {"llama.cpp": "llama.cpp", "openvino": "openvino", "openvino-cb": "openvino"}
+KIND_PEER = {"gguf": "llama.cpp", "openvino": "openvino"}  # convert() kinds
 OV_PRECISIONS = ("f32", "default")
 INSTALL_SCRIPT = "scripts/install_peers.sh"
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "peers"  # a source checkout's scripts/peers
-STAMP = ".gptpipe-peers-installed"  # written by install_peers.sh once everything imports
+LEGACY_STAMP = ".gptpipe-peers-installed"  # install_peers.sh before per-peer installs: both peers
 MAX_LINE_BYTES = 64 * 2**20  # a logits line of a 50k vocabulary is ~1 MB
 STDERR_TAIL_BYTES = 4000
+INSTALL_TIME = {"openvino": "a few minutes: pip downloads", "llama.cpp": "11-45 minutes on 2 cores: it compiles llama.cpp"}
 
 
 class PeerError(RuntimeError):
@@ -56,21 +60,39 @@ def default_venv() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gptpipe" / "peers-venv"
 
 
-def install_hint(venv: Path) -> str:
+def stamp(venv: Path, peer: str) -> Path:
+    """The file install_peers.sh writes once `peer` imports in `venv`."""
+    return venv / f".gptpipe-peer-{peer}"
+
+
+def install_hint(venv: Path, peer: Optional[str] = None) -> str:
+    """The command that installs `peer` (None: both) into `venv`, and how long it takes."""
     prefix = "" if venv == Path.home() / ".cache" / "gptpipe" / "peers-venv" else f"GPTPIPE_PEERS_VENV={venv} "
-    return (f"{prefix}bash {INSTALL_SCRIPT} (once per machine, 20-30 minutes on 2 cores: it compiles "
-            f"llama.cpp for llama-cpp-python and installs OpenVINO GenAI into {venv})")
+    if peer is not None:
+        return f"{prefix}GPTPIPE_PEERS={peer} bash {INSTALL_SCRIPT} (once per machine, {INSTALL_TIME[peer]})"
+    return (f"{prefix}bash {INSTALL_SCRIPT} (once per machine, 20-45 minutes on 2 cores: it compiles "
+            f"llama.cpp for llama-cpp-python and installs OpenVINO GenAI into {venv}; "
+            f"GPTPIPE_PEERS=openvino for OpenVINO alone, {INSTALL_TIME['openvino']})")
 
 
-def peers_python(venv: Optional[Path | str] = None) -> Path:
-    """The peer venv's python; PeersUnavailable (with the install command) when it is not installed."""
+def installed(peer: str, venv: Optional[Path | str] = None) -> bool:
     venv = Path(venv).expanduser() if venv is not None else default_venv()
-    python = venv / "bin" / "python"
-    if not (venv / STAMP).is_file() or not python.exists():
-        raise PeersUnavailable(f"the peer engines are not installed in {venv}; run: {install_hint(venv)}")
+    if peer not in PEERS:
+        raise ValueError(f"peer must be one of {', '.join(PEERS)}, got {peer!r}")
+    return (venv / "bin" / "python").exists() and (stamp(venv, peer).is_file() or (venv / LEGACY_STAMP).is_file())
+
+
+def peers_python(venv: Optional[Path | str] = None, peer: Optional[str] = None) -> Path:
+    """The peer venv's python; PeersUnavailable (with the install command) when `peer` (None:
+    any peer) is not installed there."""
+    venv = Path(venv).expanduser() if venv is not None else default_venv()
+    wanted = [peer] if peer is not None else list(PEERS)
+    if not any(installed(p, venv) for p in wanted):
+        what = f"the peer engine {peer}" if peer else "the peer engines"
+        raise PeersUnavailable(f"{what} not installed in {venv}; run: {install_hint(venv, peer)}")
     if not (SCRIPTS / "worker.py").is_file():
         raise PeersUnavailable(f"{SCRIPTS / 'worker.py'} is missing: the peers run from a source checkout of gptpipe")
-    return python
+    return venv / "bin" / "python"
 
 
 def child_env() -> dict[str, str]:
@@ -183,7 +205,7 @@ class PeerWorker:
         model = Path(model)
         if not model.exists():
             raise FileNotFoundError(f"model: {model} does not exist (convert it first: serving.bench.peers.convert)")
-        python = peers_python(venv)
+        python = peers_python(venv, ENGINE_PEER[engine])
         self.engine, self.model, self.threads, self.timeout_s = engine, model, threads, timeout_s
         cmd = [str(python), str(SCRIPTS / "worker.py"), "--engine", engine, "--model", str(model),
                "--threads", str(threads)]
@@ -316,7 +338,7 @@ def convert(kind: str, hf_dir: Path | str, out_dir: Path | str, *, types: Sequen
     Returns one record per artefact ({"kind", "type", "path", "seconds", "bytes"})."""
     if kind not in ("gguf", "openvino"):
         raise ValueError(f"kind must be gguf or openvino, got {kind!r}")
-    python = peers_python(venv)
+    python = peers_python(venv, KIND_PEER[kind])
     cmd = [str(python), str(SCRIPTS / "convert.py"), kind, str(hf_dir), str(out_dir), "--threads", str(threads)]
     if types:
         cmd += ["--types" if kind == "gguf" else "--formats", ",".join(types)]

@@ -112,6 +112,23 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 rows.append([BASELINE_LABELS.get(key, key), _fmt(st["tokens_per_s_per_stream"]),
                              _fmt(st["itl_ms"]["p50"], 2), _fmt(st["ttft_ms"]["p50"]), paired, b.get("note", "")])
         out += _table(["baseline", "tok/s", "ITL p50 ms", "TTFT p50 ms", "served ÷ baseline (paired)", "note"], rows)
+    if report.get("peers"):
+        out += ["", "## Peer engines (same weights, same thread count, paired with served requests)", ""]
+        rows = []
+        for key, b in report["peers"].items():
+            if "skipped" in b or "error" in b:
+                rows.append([key, "–", "–", "–", "–", "–", ("skipped: " + b["skipped"]) if "skipped" in b
+                             else f"failed: {b['error']}"])
+            elif "stats" in b:
+                st = b["stats"]
+                rows.append([key, _fmt(st["tokens_per_s_per_stream"]), _fmt(st["itl_ms"]["p50"], 2),
+                             _fmt(st["ttft_ms"]["p50"]), _fmt(b.get("paired_ratio"), 2),
+                             _fmt(b.get("paired_ttft_ratio"), 2), b.get("note", "")])
+            else:  # continuous batching, 8 streams
+                rows.append([key, _fmt(float(np.median(b["peer_aggregate_tokens_per_s"]))) + " aggregate", "–", "–",
+                             _fmt(b["ratio"], 2), "–", b.get("note", "")])
+        out += _table(["peer", "tok/s", "ITL p50 ms", "TTFT p50 ms", "served ÷ peer tok/s", "served ÷ peer TTFT",
+                       "note"], rows)
     if report.get("batching"):
         out += ["", "### What the server batched (from its metrics)", ""]
         rows = [[c, str(b["step_requests"]), str(b["triton_executions"]), _fmt(b["requests_per_execution"], 2),
@@ -128,7 +145,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ratios = report.get("ratios")
     if ratios:
         out += ["", "## Targets", ""]
-        rows = [[k, _fmt(r["value"], 3), r["target"], "PASS" if r["pass"] else "FAIL", r["what"]] for k, r in ratios.items()]
+        rows = [[k, _fmt(r["value"], 3), r["target"], _verdict(r), r["what"]] for k, r in ratios.items()]
         out += _table(["ratio", "value", "target", "result", "what"], rows)
     if report.get("perf_analyzer"):
         out += ["", "## perf_analyzer", ""]
@@ -139,6 +156,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report.get("errors"):
         out += ["", "## Errors", ""] + [f"- {e}" for e in report["errors"]]
     return "\n".join(out) + "\n"
+
+
+def _verdict(row: Mapping[str, Any]) -> str:
+    if row["pass"] is None:
+        return f"SKIPPED: {row.get('skipped', '')}"
+    return "PASS" if row["pass"] else "FAIL"
 
 
 def _num(value: Any) -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from serving.bench.baselines import measure_baselines
+from serving.bench.peer_bench import PEERS, measure_peers, peer_prompts, peer_ratios, served_precision
 from serving.bench.levels import bench_levels, warm_up
 from serving.bench.probes import machine_info
 from serving.bench.progress import NoProgress, Progress
@@ -38,6 +39,7 @@ class BenchOptions:
     # levels: closed-loop concurrency levels; prefix: requests sharing a system prompt of
     # prompt_tokens tokens (+ 16 new ones each) against the prefix cache (serving/bench/prefix.py)
     scenario: str = "levels"
+    peers: tuple[str, ...] = ()  # peer engines paired with served requests (serving/bench/peer_bench.py)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -53,6 +55,11 @@ class BenchOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.output_tokens < 2:
             raise ValueError(f"output_tokens must be >= 2 (ITL needs two tokens), got {self.output_tokens}")
+        bad_peers = [p for p in self.peers if p not in PEERS]
+        if bad_peers:
+            raise ValueError(f"peers: {', '.join(bad_peers)} unknown; choose from {', '.join(PEERS)}")
+        if self.peers and self.scenario != "levels":
+            raise ValueError("peers are timed beside the levels scenario only")
         if self.requests is not None and self.requests < max(self.concurrency):
             raise ValueError(f"requests ({self.requests}) must be >= the largest concurrency "
                              f"({max(self.concurrency)}): every stream needs a request")
@@ -78,7 +85,8 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
     prefix = options.scenario == "prefix"
     # the prefix scenario's prompts: the shared system prompt and 16 new tokens
     prompt_tokens = options.prompt_tokens + (NEW_TOKENS if prefix else 0)
-    served = read_repository(options.repository) if (options.url is None or options.baselines) else None
+    served = read_repository(options.repository) if (options.url is None or options.baselines or options.peers) \
+        else None
     if served is not None:
         check_fits(prompt_tokens=prompt_tokens, output_tokens=options.output_tokens,
                    n_positions=served.config["n_positions"], concurrency=options.concurrency,
@@ -112,6 +120,16 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
                               requests_for=options.requests_for, vocab_size=config.vocab_size,
                               seed=options.seed, progress=progress,
                               metrics_url=getattr(server, "metrics_url", None), batching=batching)
+        if options.peers and served is not None:
+            # with the server up and idle: each peer request right after a served one of the same prompt
+            prompts = peer_prompts(options.baseline_requests, options.prompt_tokens, vocab_size=config.vocab_size)
+            extra["peers"] = measure_peers(served, options.peers, prompts=prompts,
+                                           output_tokens=options.output_tokens, source=options.checkpoint,
+                                           make_generator=lambda: ServedGenerator(url, mode=options.mode),
+                                           progress=progress)
+            extra["ratios"] = peer_ratios(extra["peers"], precisions=[served_precision(served)],
+                                          peers_asked=options.peers)
+            errors += [f"peer {k}: {v['error']}" for k, v in extra["peers"].items() if "error" in v]
     threads = served.threads if served else None
     report: dict[str, Any] = {
         "format": 1,
@@ -131,6 +149,7 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
             "threads": threads,
             "seed": options.seed,
             "scenario": options.scenario,
+            "peers": list(options.peers),
         },
         "levels": [s.to_dict() for s, _ in levels],
         "batching": batching,
@@ -140,8 +159,7 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
     }
     if options.baselines and served is not None and not prefix:
         # the first requests of level 1, so the baselines' greedy tokens can be compared with the served ones
-        prompts = random_prompts(options.requests_for(1), options.prompt_tokens, vocab_size=config.vocab_size,
-                                 seed=options.seed + 1)[: options.baseline_requests]
+        prompts = _baseline_prompts(options, config.vocab_size)
         first = next((t for s, t in levels if s.concurrency == 1), None)
         # one stream takes the prompts in order, so level 1's timings are in prompt order
         reference = sorted(first, key=lambda t: t.sent)[: len(prompts)] if first else None
@@ -150,6 +168,12 @@ def run_bench(options: BenchOptions, *, progress: Progress = NoProgress()) -> di
                                                 reference=reference)
         errors += [f"baseline {k}: {v['error']}" for k, v in report["baselines"].items() if "error" in v]
     return report
+
+
+def _baseline_prompts(options: BenchOptions, vocab_size: int) -> list[list[int]]:
+    """The first prompts of level 1 (so the baselines' greedy tokens compare with the served ones)."""
+    return random_prompts(options.requests_for(1), options.prompt_tokens, vocab_size=vocab_size,
+                          seed=options.seed + 1)[: options.baseline_requests]
 
 
 @dataclass(frozen=True)

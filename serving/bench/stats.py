@@ -18,7 +18,7 @@ the request and at which each new token arrives (`RequestTiming`). From those st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -145,3 +145,22 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b == 0:
         return None
     return a / b
+
+
+def judge(values: Mapping[str, Optional[float]], targets: Sequence[tuple[str, str, float, str]], *,
+          skipped: Optional[Mapping[str, str]] = None) -> dict[str, dict[str, Any]]:
+    """The `ratios` object of bench.json: value, target and pass/fail per target, in order.
+
+    A row in `skipped` that has no value (not measured, for the reason given) gets pass None and
+    its reason; any other value that could not be measured is None and fails (pass: false)."""
+    skipped = skipped or {}
+    out: dict[str, dict[str, Any]] = {}
+    for key, op, target, doc in targets:
+        value = values.get(key)
+        row: dict[str, Any] = {"value": None, "target": f"{op} {target:g}", "pass": False, "what": doc}
+        if value is not None and math.isfinite(value):
+            row.update(value=value, **{"pass": value >= target if op == ">=" else value <= target})
+        elif key in skipped:
+            row.update(skipped=skipped[key], **{"pass": None})
+        out[key] = row
+    return out

@@ -31,6 +31,7 @@ from serving.bench.exports import export_all
 from serving.bench.levels import aggregate_pairs, bench_levels, context_itl, warm_up
 from serving.bench.numbered_tokenizer import numbered_tokenizer_json
 from serving.bench.ort_loop import AGREEMENT_NEW_TOKENS, OrtLoop, int8_agreement
+from serving.bench.peer_bench import measure_peers, peer_prompts, peer_ratios
 from serving.bench.perf_analyzer import run_perf_analyzer
 from serving.bench.prefix import prefix_scenario
 from serving.bench.probes import RssSampler, machine_info
@@ -39,7 +40,7 @@ from serving.bench.progress import NoProgress, Progress, timed
 from serving.bench.report import finite_or_none, write_json
 from serving.bench.run import BenchOptions, check_fits
 from serving.bench.served import Mode, ServedGenerator, new_local_server, read_repository
-from serving.bench.stats import random_prompts, ratio
+from serving.bench.stats import judge as judge_rows, random_prompts, ratio
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +66,8 @@ TARGETS: tuple[tuple[str, str, float, str], ...] = (
 
 
 def judge(ratios: Mapping[str, Optional[float]]) -> dict[str, dict[str, Any]]:
-    """The `ratios` object of bench.json: value, target and pass/fail per target, in order.
-
-    A value that could not be measured is None and fails (pass: false)."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, op, target, doc in TARGETS:
-        value = ratios.get(key)
-        if value is None or not math.isfinite(value):
-            ok = False
-            value = None
-        else:
-            ok = value >= target if op == ">=" else value <= target
-        out[key] = {"value": value, "target": f"{op} {target:g}", "pass": ok, "what": doc}
-    return out
+    """The `ratios` object of bench.json for TARGETS (see serving.bench.stats.judge)."""
+    return judge_rows(ratios, TARGETS)
 
 
 # the demo prompts of the int8 agreement check: the kind of text the demo model learnt
@@ -96,6 +86,7 @@ AGREEMENT_PROMPTS: tuple[str, ...] = (
 
 GPT2_MODELS = (("gpt2-fp32", "gpt2-random", "fp32"), ("gpt2-int8", "gpt2-random", "int8"))  # (name, source, precision)
 DEMO_MODELS = (("demo-fp32", "demo", "fp32"), ("demo-int8", "demo", "int8"))
+DEMO_INT4 = (("demo-int4", "demo", "int4"),)
 
 
 PARTIAL_JSON = "bench.partial.json"
@@ -103,7 +94,8 @@ PARTIAL_JSON = "bench.partial.json"
 
 def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8), requests: Optional[int] = None,
                 mode: Mode = "client", prompt_tokens: int = 128, output_tokens: int = 128,
-                progress: Progress = NoProgress(), perf_analyzer: bool = True) -> dict[str, Any]:
+                progress: Progress = NoProgress(), perf_analyzer: bool = True,
+                peers: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the targets table needs, end to end (see the issue): exports, servers,
     served levels, ITL vs context, int8, baselines, start-to-ready, peak RSS, perf_analyzer.
 
@@ -129,6 +121,7 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
             "concurrency": list(options.concurrency),
             "requests": {str(c): options.requests_for(c) for c in options.concurrency},
+            "peers": list(peers),
         },
         "levels": [],
         "timings_s": timings,
@@ -218,6 +211,12 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
             gen.close()
         errors += [f"baseline {k}: {v['error']}" for k, v in baselines.items() if "error" in v]
         save_partial()
+        if peers:  # the peer engines on the fp32 weights, paired the same way
+            report["peers"] = _attempt("peers fp32", lambda: measure_peers(
+                fp32, peers, prompts=peer_prompts(3, prompt_tokens, vocab_size=vocab), output_tokens=output_tokens,
+                source="gpt2-random",
+                make_generator=lambda: ServedGenerator(url, mode=mode), progress=progress), errors) or {}
+            save_partial()
     finally:
         peak_rss = sampler.stop()
         server.stop()
@@ -250,6 +249,12 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
             (stats, _), = bench_levels(server.grpc_url, mode=mode, concurrency=[1], prompt_tokens=prompt_tokens,
                                        output_tokens=output_tokens, requests_for=options.requests_for,
                                        vocab_size=vocab, progress=progress, label="served int8")
+            if peers:
+                report.setdefault("peers", {}).update(_attempt("peers int8", lambda: measure_peers(
+                    int8, peers, prompts=peer_prompts(3, prompt_tokens, vocab_size=vocab), output_tokens=output_tokens,
+                    source="gpt2-random",
+                    make_generator=lambda: ServedGenerator(server.grpc_url, mode=mode), progress=progress),
+                    errors) or {})
         finally:
             server.stop()
         return stats.to_dict()
@@ -292,6 +297,22 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
 
     agreement["demo"] = _attempt("int8 agreement (demo)", demo_agreement, errors) or {}
 
+    def demo_int4_agreement() -> dict[str, Any]:
+        from serving.tokenizer import Tokenizer
+
+        repos.update(export_all(DEMO_INT4, out_dir, tokenizer=None, progress=progress, timings=timings, notes=notes))
+        progress.start("int4 vs fp32 greedy agreement on the demo prompts (in-process engine)", 1)
+        demo32, demo4 = read_repository(repos["demo-fp32"]), read_repository(repos["demo-int4"])
+        tokenizer = Tokenizer.from_file(demo32.repository / "tokenizer" / "1" / "tokenizer.json")
+        result = int8_agreement(demo32.engine, demo4.engine, [tokenizer.encode(p) for p in AGREEMENT_PROMPTS],
+                                threads=demo32.threads, max_length=demo32.config["n_positions"])
+        progress.advance()
+        return result
+
+    if "demo-fp32" in repos:
+        report["int4"] = {"agreement": {"demo": _attempt("int4 agreement (demo)", demo_int4_agreement, errors) or {}}}
+        save_partial()
+
     # 6. the ratios
     lv = report["levels"]
     one, eight = _level(lv, 1), _level(lv, 8)
@@ -321,6 +342,13 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "rss_vs_weights_kv": ratio(float(peak_rss), float(fp32.weight_bytes + fp32.kv_pool_bytes)),
         "int8_greedy_agreement": agreement["demo"].get("free_running"),
     })
+    int4_free = report.get("int4", {}).get("agreement", {}).get("demo", {}).get("free_running")
+    report["ratios"].update(peer_ratios(
+        report.get("peers", {}), precisions=("fp32", "int8"), peers_asked=peers,
+        extra={"int4_greedy_agreement": int4_free},
+        extra_skipped={"int4_greedy_agreement": "the demo int4 export or its agreement run failed (see errors)",
+                       "served_vs_llamacpp_int4": "the suite serves fp32 and int8 only; run gptpipe bench "
+                       "--repository <an int4 export> --peers llama.cpp"}))
     notes += [
         "served tokens/s = the decode rate of one stream, (n-1)/(last-first token), at concurrency 1; the "
         "baselines are measured the same way on the same prompts (batch 1, same intra-op thread count). "
@@ -346,6 +374,10 @@ def run_targets(out_dir: Path | str, *, concurrency: Sequence[int] = (1, 2, 4, 8
         "rss_vs_weights_kv: peak of the summed RSS of tritonserver and its python-backend stubs (psutil, "
         "sampled every 50 ms from start through the fp32 benchmark) / (engine file bytes + the gpt model's "
         "full KV pool bytes); pages shared between processes count in each, so the sum errs high.",
+        "the peer rows (served_vs_openvino_*, served_vs_llamacpp_*, ttft_vs_best_peer, aggregate8_vs_openvino; "
+        "--peers, serving/bench/peer_bench.py): each peer on the gpt2-random weights converted for it, its logits "
+        "checked against the served engine's first, then each of its requests right after a served request of "
+        "the same prompt; medians of the per-pair ratios. int4_greedy_agreement: as int8's, demo int4 export.",
         "the load average at the start and at the end of the run is in machine: other work on the machine "
         "slows every path, and not all paths by the same factor, so the ratios are only as clean as the "
         "machine was quiet.",

@@ -30,6 +30,9 @@ EndpointOption = Annotated[str, typer.Option(
 ScenarioOption = Annotated[str, typer.Option(
     "--scenario", help="levels: closed-loop concurrency levels; prefix: requests sharing a system prompt of "
                        "--prompt-tokens tokens (+16 new each), TTFT with the prefix cache vs without (paired)")]
+PeersOption = Annotated[Optional[str], typer.Option(
+    "--peers", help="Peer engines to pair with served requests on the same weights: openvino, llama.cpp "
+                    "(comma-separated; installed once by scripts/install_peers.sh, skipped with the reason if not).")]
 SuiteOption = Annotated[Optional[str], typer.Option(
     "--suite", help="targets: export gpt2-random (fp32, int8) and demo, serve, bench, check the targets.")]
 
@@ -44,6 +47,17 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
     if len(set(levels)) != len(levels):
         raise typer.BadParameter(f"{text!r} repeats a level", param_hint="--concurrency")
     return tuple(sorted(levels))
+
+
+def parse_peer_names(text: Optional[str]) -> tuple[str, ...]:
+    from serving.bench.peer_bench import parse_peers
+
+    if text is None:
+        return ()
+    try:
+        return parse_peers(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--peers") from None
 
 
 class _RichProgress:
@@ -77,6 +91,7 @@ def bench(
     suite: SuiteOption = None,
     endpoint: EndpointOption = "grpc",
     scenario: ScenarioOption = "levels",
+    peers: PeersOption = None,
 ) -> None:
     """Benchmark a gptpipe server: per concurrency level, time to first token (p50/p90/p99),
     inter-token latency (p50/p99), tokens/s per stream and in aggregate, requests/s; plus
@@ -91,6 +106,8 @@ def bench(
     Example: gptpipe bench --suite targets --out bench-out
 
     Example: gptpipe bench --endpoint openai --concurrency 1,8 --prompt-tokens 32 --output-tokens 64
+
+    Example: gptpipe bench --repository gpt2-fp32 --peers openvino,llama.cpp --concurrency 1,8 --no-baselines
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -104,6 +121,11 @@ def bench(
     if mode not in MODES:
         raise typer.BadParameter(f"{mode!r}: choose one of {', '.join(MODES)}", param_hint="--mode")
     levels = parse_concurrency(concurrency)
+    peer_names = parse_peer_names(peers)
+    if peer_names and endpoint != "grpc":
+        raise typer.BadParameter("the peers are paired with the gRPC paths; drop --endpoint openai", param_hint="--peers")
+    if peer_names and scenario != "levels":
+        raise typer.BadParameter("the peers run beside the levels scenario", param_hint="--peers")
     if endpoint not in ("grpc", "openai"):
         raise typer.BadParameter(f"{endpoint!r}: choose grpc or openai", param_hint="--endpoint")
     if endpoint == "openai" and scenario != "levels":
@@ -145,12 +167,12 @@ def bench(
                 report = run_openai_bench(options, out_dir=out, progress=progress)
             elif suite == "targets":
                 report = run_targets(out, concurrency=levels, requests=requests, mode=mode, progress=progress,
-                                     prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+                                     prompt_tokens=prompt_tokens, output_tokens=output_tokens, peers=peer_names)
             else:
                 options = BenchOptions(url=url, repository=repository, mode=mode, concurrency=levels,
                                        prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                                        requests=requests, baselines=baselines, checkpoint=checkpoint,
-                                       scenario=scenario)
+                                       scenario=scenario, peers=peer_names)
                 report = run_bench(options, progress=progress)
         paths = write_report(report, out)
     except ValueError as e:  # bad options found once the model is known (context length, slots)
@@ -161,6 +183,13 @@ def bench(
         raise typer.Exit(1) from None
     console.print(render_markdown(finite_or_none(report)), markup=False, highlight=False)
     typer.echo("Wrote " + ", ".join(str(p) for p in paths.values()))
-    if report.get("ratios") and not all(r["pass"] for r in report["ratios"].values()):
-        failed = [k for k, r in report["ratios"].items() if not r["pass"]]
+    for key, entry in (report.get("peers") or {}).items():
+        if "skipped" in entry:
+            typer.echo(f"peer {key} skipped: {entry['skipped']}", err=True)
+    ratios = report.get("ratios") or {}
+    skipped = [k for k, r in ratios.items() if r["pass"] is None]
+    if skipped:
+        typer.echo(f"Not measured: {', '.join(skipped)} (the reasons are in bench.json's ratios)", err=True)
+    failed = [k for k, r in ratios.items() if r["pass"] is False]
+    if failed:
         typer.echo(f"Targets missed: {', '.join(failed)}", err=True)
