@@ -12,6 +12,7 @@ client-side ones. Every request runs in a worker thread (execute returns at once
 generations step concurrently and the sequence batcher batches their steps.
 """
 
+import faulthandler
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ class _Cancelled(Exception):
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable(all_threads=True)  # a crash of this stub prints every thread's stack to Triton's log
         self.model_config = json.loads(args["model_config"])
         tokenizer_dir = Path(args["model_repository"]).parent / tensors.TOKENIZER_MODEL / "1"
         self.tokenizer = Tokenizer.from_file(tokenizer_dir / "tokenizer.json")

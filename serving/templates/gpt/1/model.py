@@ -9,6 +9,7 @@ stream steps) keeps its request open as the sequence's lease (serving/engine/lea
 other request parameter is refused, naming the closest valid one.
 """
 
+import faulthandler
 import json
 import logging
 import threading
@@ -33,6 +34,7 @@ _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable(all_threads=True)  # a crash of this stub prints every thread's stack to Triton's log
         config = json.loads(args["model_config"])
         settings = EngineConfig.from_triton(config, Path(args["model_repository"]) / args["model_version"])
         self._families = []  # a MetricFamily must outlive its Metric objects

@@ -1,5 +1,6 @@
 """Triton python backend: returns tokenizer.json and the generation defaults."""
 
+import faulthandler
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable(all_threads=True)  # a crash of this stub prints every thread's stack to Triton's log
         here = Path(args["model_repository"]) / args["model_version"]
         tokenizer_json = (here / "tokenizer.json").read_text(encoding="utf-8")
         generation_config = (here / "generation_config.json").read_text(encoding="utf-8")
