@@ -61,8 +61,9 @@ def test_static_graph_io_is_the_tensor_table(static_fp32: ExportResult, model: G
 
 
 def test_static_graph_updates_the_cache_in_place(static_fp32: ExportResult, model: GPT) -> None:
-    """Every past buffer goes straight into GroupQueryAttention and every present comes straight
-    out of it: no Concat, ScatterND, Expand or copy touches the cache in the graph."""
+    """Every past buffer goes straight into GroupQueryAttention (the rows' or the chunk's) and every
+    present comes straight out of it: no Concat, ScatterND, Expand or copy touches the cache in the
+    graph (only a Shape reads a past's size)."""
     g = graph(static_fp32)
     ops = [n.op_type for n in g.node]
     assert ops.count("GroupQueryAttention") == 2 * model.config.n_layer  # the rows' and the chunk's
@@ -72,6 +73,8 @@ def test_static_graph_updates_the_cache_in_place(static_fp32: ExportResult, mode
     names = [n for i in range(model.config.n_layer) for n in (tensors.present_key(i), tensors.present_value(i))]
     present_names = set(names) | {tensors.chunk(n) for n in names}
     for node in g.node:
+        if node.op_type == "Shape" and set(node.input) <= past_names:
+            continue  # torch.export reads the batch size off a past's shape: metadata, not the data
         if past_names & set(node.input) or present_names & set(node.output):
             assert node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft", node
             assert list(node.input[3:5]) == [node.output[1].replace("present", "past_key_values"),
