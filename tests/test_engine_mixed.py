@@ -126,3 +126,26 @@ def test_concurrent_generations_with_mixed_calls_give_the_tokens_of_each_alone(t
         assert out[sid] == generate_greedy(model, prompt, steps + 1), sid
     assert s.stats.mixed_calls >= 5 and s.stats.prefill_chunks >= 4
     assert pool.active == ()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_a_mixed_call_through_the_optimised_graphs_stays_within_their_tolerance(tiny_export, precision, tmp_path) -> None:
+    """fp16, int8 and int4 go through the same two-group graph (the optimise passes apply to it):
+    a mixed call's rows and chunk against PyTorch, within the precision's validation limit."""
+    from export.onnx import export_onnx
+    from export.onnx.validate import TOLERANCES
+
+    model = tiny_export[0]
+    rt = OrtRuntime(export_onnx(model, tmp_path / "gpt.onnx", precision=precision, validate=False).path,
+                    intra_op_threads=1)
+    pool = rt.new_pool(max_sequences=3, max_length=rt.n_positions)
+    rows, prompt = [tokens(21, 6), tokens(22, 11)], tokens(23, 30)
+    for slot, ids in enumerate(rows):
+        rt.step(np.array([ids[:-1]]), pool=pool, slot_start=slot, past_lengths=[0])
+    rt.step(np.array([prompt[:12]]), pool=pool, slot_start=2, past_lengths=[0])
+    got = rt.step_mixed(np.array([[ids[-1]] for ids in rows]), pool=pool, slot_start=0,
+                        past_lengths=[len(ids) - 1 for ids in rows], chunk_ids=np.array(prompt[12:]), chunk_slot=2,
+                        chunk_past=12).astype(np.float64)
+    want = np.stack([reference(model, ids)[0] for ids in rows + [prompt]]).astype(np.float64)
+    rel = np.sqrt(((got - want) ** 2).mean(axis=1) / want.var(axis=1))
+    assert rel.max() <= TOLERANCES[precision].max_rel_logits, rel
