@@ -91,7 +91,7 @@ def test_a_call_without_a_chunk_leaves_the_pool_beyond_its_rows_alone(runtime) -
     (dict(past_lengths=[3, 5], chunk_slot=1, chunk_past=2), r"rides along among the rows: its row must write "
                                                             r"beyond the chunk \(past_lengths >= 6\), got 5"),
     (dict(past_lengths=[3, 0], chunk_slot=2, chunk_past=13), r"chunk_past \+ chunk tokens must be in \[4, 16\]"),
-    (dict(past_lengths=[3, 0], chunk_slot=3, chunk_past=0), r"must lie in \[0, 3\)"),
+    (dict(past_lengths=[3, 0], chunk_slot=3, chunk_past=0), r"chunk_slot must lie in \[0, 3\), got 3"),
 ])
 def test_step_mixed_rejects_bad_calls(runtime, kwargs, message) -> None:
     pool = runtime.new_pool(max_sequences=3, max_length=16)

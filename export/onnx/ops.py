@@ -19,6 +19,8 @@ shared buffer by pointer equality and writes the new K/V in place, so no step co
 The contract every call must meet (GQA's, checked on ORT 1.32's CPU kernel): all rows have the
 same number T of real new tokens (no padding among them) and either T == 1 (batched decode, any
 past lengths), or every past length is 0 (first prompt), or B == 1 (a prompt after a past).
+So a mixed call (decode rows and a prompt chunk after a past) takes two nodes per layer, one per
+group (`mixed_cache_attend`), each over its own view of the same pool.
 """
 
 from __future__ import annotations

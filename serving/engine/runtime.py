@@ -24,6 +24,16 @@ Invariants the caller (the scheduler) keeps:
 - calls follow GroupQueryAttention's contract: T == 1 (batched decode, any past lengths), or all
   past lengths 0 (first prompts of the same length), or B == 1 (a prompt after a past).
 
+Mixed calls (`step_mixed`, issue 15): the static graph has a second attention group, `chunk.*` in
+the tensor table, for one prompt chunk (1 row x C tokens after a past), bound in place to its slot
+`pool.keys[l][chunk_slot]` the same way; GroupQueryAttention refuses several rows of many tokens
+after a past in one node, hence one node per group. Everything but attention runs once over the
+packed B * T + C tokens, and the logits are each row's last, then the chunk's last, (B + 1, V).
+`step` is a mixed call whose chunk is a dummy token written into the runtime's own
+(1, nh, 1, hs) scratch rows (measured: ONNX Runtime 1.32's GQA fails on an empty sequence, and a
+batch of 0 kills the process with SIGFPE, so the group is never empty). The chunk's slot may lie
+inside the rows' range only as a ride-along row that writes beyond the chunk.
+
 With the CUDA provider the pool still lives in host memory: ONNX Runtime copies the bound buffers
 to the device and back (correct — GQA then sees two buffers and concatenates — but it moves the
 whole range each step); a device-resident pool is future work.
@@ -289,7 +299,8 @@ class OrtRuntime:
     def _check_chunk(self, pool: KVPool, slot_start: int, past: np.ndarray, T: int, chunk_ids: np.ndarray,
                      chunk_slot: int, chunk_past: int) -> None:
         _, C = check_tokens(chunk_ids, self.vocab_size)
-        check_rows(pool, chunk_slot, np.array([chunk_past]), 1)
+        if not 0 <= chunk_slot < pool.max_sequences:
+            raise ValueError(f"chunk_slot must lie in [0, {pool.max_sequences}), got {chunk_slot}")
         limit = min(pool.max_length, self.n_positions or pool.max_length)
         if chunk_past < 0 or chunk_past + C > limit:
             raise ValueError(f"chunk_past + chunk tokens must be in [{C}, {limit}] (the pool's max_length, the "
