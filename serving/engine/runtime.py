@@ -147,6 +147,10 @@ class OrtRuntime:
         else:
             raise ValueError(f"{self.path}: the past's sequence axis is {seq_axis!r}; expected "
                              f"{tensors.MAX_SEQ!r} (static cache) or {tensors.PAST!r} (dynamic)")
+        if self.kv_cache == "static" and tensors.chunk(tensors.INPUT_IDS) not in inputs:
+            raise ValueError(f"{self.path} is a static-cache graph without the prompt-chunk group "
+                             f"({tensors.chunk(tensors.INPUT_IDS)!r}: mixed calls): it was exported by an "
+                             "older gptpipe; export it again")
         self.n_head, self.head_dim = int(n_head), int(head_dim)
         self.kv_dtype = _ORT_DTYPES[past.type]
         logits = outputs[tensors.LOGITS]
