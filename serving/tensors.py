@@ -21,6 +21,11 @@ SEQ = "sequence_length"  # new tokens in this step
 PAST = "past_sequence_length"  # dynamic cache: tokens already in the cache
 TOTAL = "total_sequence_length"  # past + new
 MAX_SEQ = "max_sequence_length"  # static cache: the preallocated buffer length (n_positions)
+# static cache, the prompt-chunk group of a mixed call (one row): its own axes
+CHUNK_SEQ = "chunk_sequence_length"
+CHUNK_TOTAL = "chunk_total_sequence_length"
+CHUNK_MAX_SEQ = "chunk_max_sequence_length"
+LOGIT_ROWS = "logit_rows"  # static cache: batch_size + 1 (the rows, then the chunk)
 
 # numpy dtype name -> (ONNX / Triton client datatype, config.pbtxt data_type)
 _TRITON = {
@@ -83,35 +88,59 @@ ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 
 
+CHUNK_PREFIX = "chunk."
+
+
+def chunk(name: str) -> str:
+    """The name of a tensor of the static graph's second attention group, the prompt chunk of a
+    mixed call: `chunk.input_ids`, `chunk.past_key_values.0.key` -> `chunk.present.0.key`, ..."""
+    return CHUNK_PREFIX + name
+
+
 def graph_inputs(n_layer: int, n_head: int, head_dim: int, *, kv_dtype: str, kv_cache: KVCache) -> list[TensorSpec]:
     """Inputs of the exported graph.
 
     static: past buffers are (B, nh, max_sequence_length, hs), updated in place (ORT IO binding
     binds the same buffer as past and present); attention_mask (B, total) holds each row's
-    valid length as its number of ones (right padding).
+    valid length as its number of ones (right padding). Then the same inputs again, `chunk.`
+    names, for one more row (the prompt chunk of a mixed call) with axes of its own: the graph
+    runs both groups' tokens packed together and each group through its own attention.
     dynamic: past is (B, nh, past_sequence_length, hs); present = past ++ new.
     """
     kv_len = MAX_SEQ if kv_cache == "static" else PAST
+    specs = _group_inputs("", BATCH, SEQ, TOTAL, kv_len, n_layer, n_head, head_dim, kv_dtype)
+    if kv_cache == "static":
+        specs += _group_inputs(CHUNK_PREFIX, 1, CHUNK_SEQ, CHUNK_TOTAL, CHUNK_MAX_SEQ, n_layer, n_head, head_dim, kv_dtype)
+    return specs
+
+
+def _group_inputs(prefix: str, rows: Dim, seq: str, total: str, kv_len: str, n_layer: int, n_head: int,
+                  head_dim: int, kv_dtype: str) -> list[TensorSpec]:
     specs = [
-        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ), doc="new token ids of this step"),
-        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ), doc="absolute positions of the new tokens"),
-        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL), doc="1 for real tokens, 0 for padding"),
+        TensorSpec(prefix + INPUT_IDS, "int64", (rows, seq), doc="new token ids of this step"),
+        TensorSpec(prefix + POSITION_IDS, "int64", (rows, seq), doc="absolute positions of the new tokens"),
+        TensorSpec(prefix + ATTENTION_MASK, "int64", (rows, total), doc="1 for real tokens, 0 for padding"),
     ]
     for i in range(n_layer):
         for name in (past_key(i), past_value(i)):
-            specs.append(TensorSpec(name, kv_dtype, (BATCH, n_head, kv_len, head_dim)))
+            specs.append(TensorSpec(prefix + name, kv_dtype, (rows, n_head, kv_len, head_dim)))
     return specs
 
 
 def graph_outputs(n_layer: int, n_head: int, head_dim: int, vocab_size: int, *, kv_dtype: str,
                   logits_dtype: str, kv_cache: KVCache) -> list[TensorSpec]:
     """Outputs: the last position's logits only (a decode step must not return seq x vocab
-    floats), and the presents."""
+    floats), and the presents. static: logits (B + 1, V), each row's last position then the
+    chunk's last, and the chunk's presents after the rows'."""
     kv_len = MAX_SEQ if kv_cache == "static" else TOTAL
-    specs = [TensorSpec(LOGITS, logits_dtype, (BATCH, vocab_size), doc="logits of the last position")]
-    for i in range(n_layer):
-        for name in (present_key(i), present_value(i)):
-            specs.append(TensorSpec(name, kv_dtype, (BATCH, n_head, kv_len, head_dim)))
+    rows = LOGIT_ROWS if kv_cache == "static" else BATCH
+    specs = [TensorSpec(LOGITS, logits_dtype, (rows, vocab_size), doc="logits of the last position")]
+    for prefix, batch, length in (("", BATCH, kv_len), (CHUNK_PREFIX, 1, CHUNK_MAX_SEQ)):
+        if prefix and kv_cache != "static":
+            break
+        for i in range(n_layer):
+            for name in (present_key(i), present_value(i)):
+                specs.append(TensorSpec(prefix + name, kv_dtype, (batch, n_head, length, head_dim)))
     return specs
 
 

@@ -19,7 +19,8 @@ BLOCK = 8
 
 
 class Calls:
-    """The real runtime, recording the (rows, tokens, slot_start, past lengths) of each call."""
+    """The real runtime, recording the (rows, tokens, slot_start, past lengths) of each call, and
+    for a mixed call also (chunk tokens, chunk slot, chunk past)."""
 
     def __init__(self, runtime: OrtRuntime) -> None:
         self.runtime, self.calls = runtime, []
@@ -30,6 +31,12 @@ class Calls:
     def step(self, input_ids, *, pool, slot_start, past_lengths, out=None):
         self.calls.append((*input_ids.shape, slot_start, list(np.asarray(past_lengths))))
         return self.runtime.step(input_ids, pool=pool, slot_start=slot_start, past_lengths=past_lengths, out=out)
+
+    def step_mixed(self, input_ids, *, pool, slot_start, past_lengths, chunk_ids, chunk_slot, chunk_past):
+        self.calls.append((*input_ids.shape, slot_start, list(np.asarray(past_lengths)),
+                           (len(chunk_ids), chunk_slot, chunk_past)))
+        return self.runtime.step_mixed(input_ids, pool=pool, slot_start=slot_start, past_lengths=past_lengths,
+                                       chunk_ids=chunk_ids, chunk_slot=chunk_slot, chunk_past=chunk_past)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tiny_export, r
     done = s.advance([StepRequest(2, np.array(long), start=True), StepRequest(1, np.array(history[-1:]))],
                      ["long", "decode"])
     assert [tag for tag, _ in done] == ["decode"] and s.prefilling == 1  # the prompt has chunks left
-    assert s.runtime.calls == [(1, 1, 0, [5]), (1, 16, 1, [0])]  # one decode call, one 16-token chunk
+    assert s.runtime.calls == [(1, 1, 0, [5], (16, 1, 0))]  # ONE call: the decode step and a 16-token chunk
     steps = 0
     while s.prefilling:
         np.testing.assert_allclose(done[0][1].logits, reference(model, history), atol=TOL, rtol=0)
@@ -171,7 +178,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tiny_export, r
         if s.prefilling:
             assert [tag for tag, _ in done] == ["decode"]
     assert steps == 3 and [tag for tag, _ in done] == ["decode", "long"]  # 16 + 16 + 16 + 2
-    assert [c[1] for c in s.runtime.calls[-2:]] == [1, 2] and s.stats.prefill_chunks == 3
+    assert s.runtime.calls[-1] == (1, 1, 0, [len(short) + 3], (2, 1, 48)) and s.stats.prefill_chunks == 3
+    assert s.stats.mixed_calls == 4 and s.stats.runtime_calls == 1 + 4
     np.testing.assert_allclose(done[1][1].logits, reference(model, long), atol=TOL, rtol=0)
     # step() (the plain model) runs every chunk before it answers
     (r,) = s.step([StepRequest(3, np.array(long[:40]), start=True)])

@@ -143,7 +143,14 @@ def test_run_takes_feeds_by_name(runtime: OrtRuntime, model: GPT) -> None:
              tensors.ATTENTION_MASK: np.ones((1, 2), np.int64)}
     feeds |= {n: np.zeros(shape, np.float32) for i in range(c.n_layer)
               for n in (tensors.past_key(i), tensors.past_value(i))}
+    # the static graph's second group (the prompt chunk of a mixed call): one token, one position
+    chunk_shape = (1, c.n_head, 1, c.head_dim)
+    feeds |= {tensors.chunk(tensors.INPUT_IDS): np.array([[3]]), tensors.chunk(tensors.POSITION_IDS): np.array([[0]]),
+              tensors.chunk(tensors.ATTENTION_MASK): np.ones((1, 1), np.int64)}
+    feeds |= {tensors.chunk(n): np.zeros(chunk_shape, np.float32) for i in range(c.n_layer)
+              for n in (tensors.past_key(i), tensors.past_value(i))}
     out = runtime.run(feeds)
-    assert out[tensors.LOGITS].shape == (1, c.vocab_size) and out[tensors.present_key(0)].shape == shape
+    assert out[tensors.LOGITS].shape == (2, c.vocab_size) and out[tensors.present_key(0)].shape == shape
+    assert out[tensors.chunk(tensors.present_key(0))].shape == chunk_shape
     with pytest.raises(ValueError, match="unknown inputs"):
         runtime.run({"tokens": np.array([[1]])})

@@ -40,9 +40,12 @@ def dynamic_fp32(model: GPT, text_tokens, tmp_path_factory) -> ExportResult:
 def test_static_fp32_export_validates(static_fp32: ExportResult, model: GPT) -> None:
     assert_fp32_checks(static_fp32)
     assert static_fp32.kv_cache == "static" and static_fp32.opset == DEFAULT_OPSET
-    assert static_fp32.fusions["fused"] == {"SkipLayerNormalization": 2 * model.config.n_layer + 1,
-                                            "FastGelu": model.config.n_layer}
-    assert "LayerNormalization" not in static_fp32.fusions["op_counts_after"]
+    # every residual Add + LayerNorm fuses; the embeddings' sum + ln_1 of the first block does not:
+    # ORT's fusion leaves an Add of a Gather whose indices are not a graph input to
+    # EmbedLayerNormalization, and the graph gathers the packed ids of both attention groups
+    assert static_fp32.fusions["fused"] == {"SkipLayerNormalization": 2 * model.config.n_layer,
+                                            "LayerNormalization": 1, "FastGelu": model.config.n_layer}
+    assert static_fp32.fusions["op_counts_after"]["LayerNormalization"] == 1
 
 
 def test_static_graph_io_is_the_tensor_table(static_fp32: ExportResult, model: GPT) -> None:
@@ -58,15 +61,20 @@ def test_static_graph_io_is_the_tensor_table(static_fp32: ExportResult, model: G
 
 
 def test_static_graph_updates_the_cache_in_place(static_fp32: ExportResult, model: GPT) -> None:
-    """Every past buffer goes straight into GroupQueryAttention and every present comes straight
-    out of it: no Concat, ScatterND, Expand or copy touches the cache in the graph."""
+    """Every past buffer goes straight into GroupQueryAttention (the rows' or the chunk's) and every
+    present comes straight out of it: no Concat, ScatterND, Expand or copy touches the cache in the
+    graph (only a Shape reads a past's size)."""
     g = graph(static_fp32)
     ops = [n.op_type for n in g.node]
-    assert ops.count("GroupQueryAttention") == model.config.n_layer
-    assert not {"Concat", "ScatterND", "ScatterElements", "Expand", "Attention"} & set(ops)
-    past_names = {n for i in range(model.config.n_layer) for n in (tensors.past_key(i), tensors.past_value(i))}
-    present_names = {n for i in range(model.config.n_layer) for n in (tensors.present_key(i), tensors.present_value(i))}
+    assert ops.count("GroupQueryAttention") == 2 * model.config.n_layer  # the rows' and the chunk's
+    assert not {"ScatterND", "ScatterElements", "Expand", "Attention"} & set(ops)
+    names = [n for i in range(model.config.n_layer) for n in (tensors.past_key(i), tensors.past_value(i))]
+    past_names = set(names) | {tensors.chunk(n) for n in names}
+    names = [n for i in range(model.config.n_layer) for n in (tensors.present_key(i), tensors.present_value(i))]
+    present_names = set(names) | {tensors.chunk(n) for n in names}
     for node in g.node:
+        if node.op_type == "Shape" and set(node.input) <= past_names:
+            continue  # torch.export reads the batch size off a past's shape: metadata, not the data
         if past_names & set(node.input) or present_names & set(node.output):
             assert node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft", node
             assert list(node.input[3:5]) == [node.output[1].replace("present", "past_key_values"),

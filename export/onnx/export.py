@@ -3,11 +3,12 @@
 
 - `kv_cache="static"`: each layer's attention is the static-cache op (export/onnx/ops.py), which
   becomes ONNX Runtime's `com.microsoft::GroupQueryAttention` over preallocated (B, nh, MAX, hs)
-  buffers that are both past input and present output.
+  buffers that are both past input and present output; twice per layer, for the two groups of a
+  mixed call (B rows of T tokens, and one prompt chunk), whose other ops run on the packed tokens.
 - `kv_cache="dynamic"`: `GPT.forward(..., last_only=True)` as is — past ++ new by Concat,
   standard ONNX ops only.
 
-Both return the last position's logits only, (B, V).
+Both return the last position's logits only: (B, V); static: (B + 1, V), the chunk's last.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn as nn
 from export.config import GPTConfig
 from export.model import GPT, KV
 from export.onnx.graph import ExportError, graph_specs
-from export.onnx.ops import CUSTOM_TRANSLATION_TABLE, static_cache_attend
+from export.onnx.ops import CUSTOM_TRANSLATION_TABLE, mixed_cache_attend
 from serving import tensors
 
 # The torch.export-based exporter emits opset 18 (its torchlib); LayerNormalization needs 17.
@@ -44,18 +45,30 @@ def check_opset(opset: int) -> None:
 
 
 class StaticCacheGPT(nn.Module):
-    """The ONNX Runtime serving graph: in-place static cache, last position's logits."""
+    """The ONNX Runtime serving graph: in-place static cache, two attention groups (B rows of T
+    new tokens, and one prompt chunk of C tokens), each row's and the chunk's last logits.
+
+    The embeddings, LayerNorms, projections, MLPs and the LM head run once over the packed
+    B * T + C tokens (a decode step is bound by reading the weights: one pass for both groups);
+    only attention is per group (export/onnx/ops.py: mixed_cache_attend)."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past_key_values: Sequence[KV]) -> tuple[torch.Tensor, list[KV]]:
+                past_key_values: Sequence[KV], chunk_input_ids: torch.Tensor, chunk_position_ids: torch.Tensor,
+                chunk_attention_mask: torch.Tensor, chunk_past_key_values: Sequence[KV]
+                ) -> tuple[torch.Tensor, list[KV], list[KV]]:
+        B, T = input_ids.shape
         n_head = self.model.config.n_head
-        attends = [static_cache_attend(past, attention_mask, n_head) for past in past_key_values]
-        h, presents = self.model.hidden_states(input_ids, position_ids, attends)  # (B, T, C)
-        return self.model.lm_head(h[:, -1, :]), presents  # (B, V)
+        ids = torch.cat([input_ids.reshape(1, B * T), chunk_input_ids], dim=1)  # (1, B*T + C)
+        positions = torch.cat([position_ids.reshape(1, B * T), chunk_position_ids], dim=1)
+        attends = [mixed_cache_attend(past, chunk_past, attention_mask, chunk_attention_mask, n_head, B, T)
+                   for past, chunk_past in zip(past_key_values, chunk_past_key_values)]
+        h, presents = self.model.hidden_states(ids, positions, attends)  # (1, B*T + C, E)
+        last = torch.cat([h[0, :B * T].reshape(B, T, -1)[:, -1], h[0, -1:]])  # (B + 1, E)
+        return self.model.lm_head(last), [p[0] for p in presents], [p[1] for p in presents]  # (B + 1, V)
 
 
 class DynamicCacheGPT(nn.Module):
@@ -96,7 +109,24 @@ def _sample_inputs(config: GPTConfig, kv_cache: str) -> tuple[tuple[Any, ...], d
         "attention_mask": {0: batch, 1: total},
         "past_key_values": [({0: batch, 2: kv_axis}, {0: batch, 2: kv_axis}) for _ in range(config.n_layer)],
     }
-    return (ids, positions, mask, past), dynamic_shapes
+    if kv_cache == "dynamic":
+        return (ids, positions, mask, past), dynamic_shapes
+    # the prompt chunk: one row of C new tokens after a past, in a buffer of its own length
+    C, CP, CS = 5, 6, config.n_positions - 1
+    chunk_shape = (1, config.n_head, CS, config.head_dim)
+    chunk_past = [(torch.zeros(chunk_shape), torch.zeros(chunk_shape)) for _ in range(config.n_layer)]
+    chunk_seq = Dim(tensors.CHUNK_SEQ, min=1, max=config.n_positions)
+    chunk_axis = Dim(tensors.CHUNK_MAX_SEQ, min=1, max=config.n_positions)
+    dynamic_shapes.update({
+        "chunk_input_ids": {1: chunk_seq},
+        "chunk_position_ids": {1: chunk_seq},
+        "chunk_attention_mask": {1: Dim(tensors.CHUNK_TOTAL, min=1, max=config.n_positions)},
+        "chunk_past_key_values": [({2: chunk_axis}, {2: chunk_axis}) for _ in range(config.n_layer)],
+    })
+    chunk_ids = torch.zeros(1, C, dtype=torch.long)
+    chunk_positions = (torch.arange(C) + CP)[None]
+    chunk_mask = torch.ones(1, CP + C, dtype=torch.long)
+    return (ids, positions, mask, past, chunk_ids, chunk_positions, chunk_mask, chunk_past), dynamic_shapes
 
 
 def torch_export(model: GPT, *, kv_cache: str, opset: int) -> onnx.ModelProto:

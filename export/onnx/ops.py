@@ -19,6 +19,8 @@ shared buffer by pointer equality and writes the new K/V in place, so no step co
 The contract every call must meet (GQA's, checked on ORT 1.32's CPU kernel): all rows have the
 same number T of real new tokens (no padding among them) and either T == 1 (batched decode, any
 past lengths), or every past length is 0 (first prompt), or B == 1 (a prompt after a past).
+So a mixed call (decode rows and a prompt chunk after a past) takes two nodes per layer, one per
+group (`mixed_cache_attend`), each over its own view of the same pool.
 """
 
 from __future__ import annotations
@@ -76,13 +78,22 @@ def _static_cache_attention_fake(q, k, v, past_k, past_v, attention_mask, num_he
 
 
 
-def static_cache_attend(past: KV, attention_mask: torch.Tensor, n_head: int) -> Attend:
-    """Attention through the in-place static-cache op (GroupQueryAttention in ONNX)."""
+def mixed_cache_attend(past: KV, chunk_past: KV, attention_mask: torch.Tensor, chunk_mask: torch.Tensor,
+                       n_head: int, rows: int, tokens: int) -> Attend:
+    """The attention of a mixed call: q, k, v (1, rows * tokens + C, E) hold the packed tokens of
+    `rows` rows of `tokens` new tokens each, then one prompt chunk of C tokens. Each group goes
+    through its own static-cache op (GroupQueryAttention refuses several rows of many tokens
+    after a past in one node) over its own past; the outputs are packed again. The present is
+    the pair (rows' present, chunk's present)."""
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        y, present_k, present_v = torch.ops.gptpipe.static_cache_attention(
-            q, k, v, past[0], past[1], attention_mask, n_head)  # (B, T, C), (B, nh, MAX, hs) x 2
-        return y, (present_k, present_v)
+        n = rows * tokens
+        E = q.shape[2]
+        group = [t[:, :n].reshape(rows, tokens, E) for t in (q, k, v)]  # (B, T, E) each
+        chunk = [t[:, n:] for t in (q, k, v)]  # (1, C, E) each
+        y, pk, pv = torch.ops.gptpipe.static_cache_attention(*group, past[0], past[1], attention_mask, n_head)
+        yc, ck, cv = torch.ops.gptpipe.static_cache_attention(*chunk, chunk_past[0], chunk_past[1], chunk_mask, n_head)
+        return torch.cat([y.reshape(1, n, E), yc], dim=1), ((pk, pv), (ck, cv))  # type: ignore[return-value]
 
     return attend
 

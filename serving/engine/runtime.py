@@ -24,6 +24,16 @@ Invariants the caller (the scheduler) keeps:
 - calls follow GroupQueryAttention's contract: T == 1 (batched decode, any past lengths), or all
   past lengths 0 (first prompts of the same length), or B == 1 (a prompt after a past).
 
+Mixed calls (`step_mixed`, issue 15): the static graph has a second attention group, `chunk.*` in
+the tensor table, for one prompt chunk (1 row x C tokens after a past), bound in place to its slot
+`pool.keys[l][chunk_slot]` the same way; GroupQueryAttention refuses several rows of many tokens
+after a past in one node, hence one node per group. Everything but attention runs once over the
+packed B * T + C tokens, and the logits are each row's last, then the chunk's last, (B + 1, V).
+`step` is a mixed call whose chunk is a dummy token written into the runtime's own
+(1, nh, 1, hs) scratch rows (measured: ONNX Runtime 1.32's GQA fails on an empty sequence, and a
+batch of 0 kills the process with SIGFPE, so the group is never empty). The chunk's slot may lie
+inside the rows' range only as a ride-along row that writes beyond the chunk.
+
 With the CUDA provider the pool still lives in host memory: ONNX Runtime copies the bound buffers
 to the device and back (correct — GQA then sees two buffers and concatenates — but it moves the
 whole range each step); a device-resident pool is future work.
@@ -106,10 +116,11 @@ class OrtRuntime:
             str(path), session_options(intra_op_threads=intra_op_threads, spinning=spinning),
             providers=list(providers) if providers else default_providers())
         self._read_graph()
-        self._logits: Optional[np.ndarray] = None  # (rows, V), grown on demand
+        self._logits: Optional[np.ndarray] = None  # (rows + 1, V), grown on demand
+        self._scratch_kv: Optional[tuple[list[np.ndarray], list[np.ndarray]]] = None
         # IO bindings with the KV buffers of a slot range already bound, by (pool, start, rows):
         # binding 4 x n_layer raw pointers costs ~0.5 ms, a few % of a decode step
-        self._bindings: OrderedDict[tuple[int, int, int], tuple[weakref.ref, ort.IOBinding]] = OrderedDict()
+        self._bindings: OrderedDict[tuple[int, int, int, Optional[int]], tuple[weakref.ref, ort.IOBinding]] = OrderedDict()
         logger.info("ORT session %s: %s cache, %d layers, kv %s, logits %s, providers %s", path.name,
                     self.kv_cache, self.n_layer, self.kv_dtype, self.logits_dtype, self.providers)
 
@@ -136,6 +147,10 @@ class OrtRuntime:
         else:
             raise ValueError(f"{self.path}: the past's sequence axis is {seq_axis!r}; expected "
                              f"{tensors.MAX_SEQ!r} (static cache) or {tensors.PAST!r} (dynamic)")
+        if self.kv_cache == "static" and tensors.chunk(tensors.INPUT_IDS) not in inputs:
+            raise ValueError(f"{self.path} is a static-cache graph without the prompt-chunk group "
+                             f"({tensors.chunk(tensors.INPUT_IDS)!r}: mixed calls): it was exported by an "
+                             "older gptpipe; export it again")
         self.n_head, self.head_dim = int(n_head), int(head_dim)
         self.kv_dtype = _ORT_DTYPES[past.type]
         logits = outputs[tensors.LOGITS]
@@ -168,54 +183,107 @@ class OrtRuntime:
 
         input_ids (B, T) int; past_lengths (B,): each row's cached positions. Returns the last
         position's logits (B, V): `out` when given, else a view of the runtime's logits buffer,
-        valid until the next step (copy what you keep)."""
+        valid until the next step (copy what you keep). The graph's prompt-chunk group runs a
+        dummy token into the runtime's own scratch buffers."""
+        logits = self._step(input_ids, pool, slot_start, past_lengths, None)[:-1]
+        if out is None:
+            return logits
+        if out.shape != logits.shape or out.dtype != self.logits_dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.logits_dtype} array of shape "
+                             f"{logits.shape}, got {out.dtype} {out.shape}")
+        out[...] = logits
+        return out
+
+    def step_mixed(self, input_ids: np.ndarray, *, pool: KVPool, slot_start: int,
+                   past_lengths: np.ndarray | Sequence[int], chunk_ids: np.ndarray, chunk_slot: int,
+                   chunk_past: int) -> np.ndarray:
+        """`step`'s rows and a prompt chunk in ONE call: C new tokens `chunk_ids` (C,) of slot
+        `chunk_slot` after its `chunk_past` cached positions, written in place too. Returns
+        (B + 1, V): each row's last logits, then the chunk's last (a view, as in `step`).
+
+        The chunk's slot may ride along among the rows (a dummy row) only if that row writes
+        beyond the chunk: past_lengths of it >= chunk_past + C."""
+        chunk_ids = np.ascontiguousarray(chunk_ids, dtype=np.int64).reshape(1, -1)
+        return self._step(input_ids, pool, slot_start, past_lengths, (chunk_ids, int(chunk_slot), int(chunk_past)))
+
+    def _step(self, input_ids: np.ndarray, pool: KVPool, slot_start: int, past_lengths,
+              chunk: Optional[tuple[np.ndarray, int, int]]) -> np.ndarray:
         if self.kv_cache != "static":
             raise ValueError(f"step() needs the static-cache graph; {self.path.name} has a "
                              "dynamic cache (use run())")
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         past = np.ascontiguousarray(past_lengths, dtype=np.int64)
         B, T = self._check_step(input_ids, pool, slot_start, past)
-        total = past + T  # (B,)
-        max_total = int(total.max())
-        mask = (np.arange(max_total)[None, :] < total[:, None]).astype(np.int64)  # (B, total)
-        positions = past[:, None] + np.arange(T)[None, :]  # (B, T)
-        logits = self._logits_out(B, out)
-
-        io = self._kv_binding(pool, int(slot_start), B)
-        io.bind_cpu_input(tensors.INPUT_IDS, input_ids)
-        io.bind_cpu_input(tensors.POSITION_IDS, positions)
-        io.bind_cpu_input(tensors.ATTENTION_MASK, mask)
-        io.bind_output(tensors.LOGITS, "cpu", 0, self.logits_dtype.type, [B, self.vocab_size],
+        if chunk is not None:
+            self._check_chunk(pool, int(slot_start), past, T, *chunk)
+        io = self._kv_binding(pool, int(slot_start), B, None if chunk is None else chunk[1])
+        self._bind_group(io, "", input_ids, past)
+        if chunk is None:  # the chunk group's dummy: one token at position 0 of the scratch row
+            self._bind_group(io, tensors.CHUNK_PREFIX, np.zeros((1, 1), np.int64), np.zeros(1, np.int64))
+        else:
+            self._bind_group(io, tensors.CHUNK_PREFIX, chunk[0], np.array([chunk[2]], np.int64))
+        if self._logits is None or self._logits.shape[0] < B + 1:
+            self._logits = np.empty((B + 1, self.vocab_size), self.logits_dtype)
+        logits = self._logits[:B + 1]
+        io.bind_output(tensors.LOGITS, "cpu", 0, self.logits_dtype.type, [B + 1, self.vocab_size],
                        logits.ctypes.data)
         self.session.run_with_iobinding(io)
         return logits
 
+    @staticmethod
+    def _bind_group(io: ort.IOBinding, prefix: str, input_ids: np.ndarray, past: np.ndarray) -> None:
+        """One attention group's ids, positions and mask (B, past + T ones per row, right padded)."""
+        T = input_ids.shape[1]
+        total = past + T  # (B,)
+        mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)  # (B, total)
+        io.bind_cpu_input(prefix + tensors.INPUT_IDS, input_ids)
+        io.bind_cpu_input(prefix + tensors.POSITION_IDS, past[:, None] + np.arange(T)[None, :])  # (B, T)
+        io.bind_cpu_input(prefix + tensors.ATTENTION_MASK, mask)
+
     _MAX_BINDINGS = 256
 
-    def _kv_binding(self, pool: KVPool, slot_start: int, B: int) -> ort.IOBinding:
+    def _kv_binding(self, pool: KVPool, slot_start: int, B: int, chunk_slot: Optional[int]) -> ort.IOBinding:
         """An IO binding with rows [slot_start, slot_start + B) of every layer's buffers bound as
-        both past input and present output (the in-place update). Cached: the pool's buffers
-        never move. The cache holds the pool weakly; a dead pool's bindings are never used."""
-        key = (id(pool), slot_start, B)
+        both past input and present output (the in-place update), and the chunk group's past
+        and present to row `chunk_slot` (or, without a chunk, to the runtime's scratch row).
+        Cached: the pool's buffers never move. The cache holds the pool weakly; a dead pool's
+        bindings are never used."""
+        key = (id(pool), slot_start, B, chunk_slot)
         entry = self._bindings.get(key)
         if entry is not None and entry[0]() is pool:
             self._bindings.move_to_end(key)
             return entry[1]
         io = self.session.io_binding()
-        rows = [B, self.n_head, pool.max_length, self.head_dim]
-        offset = slot_start * pool.n_head * pool.max_length * pool.head_dim * pool.dtype.itemsize
-        for layer in range(self.n_layer):
-            for past_name, present_name, buffers in (
-                (tensors.past_key(layer), tensors.present_key(layer), pool.keys),
-                (tensors.past_value(layer), tensors.present_value(layer), pool.values),
-            ):
-                ptr = buffers[layer].ctypes.data + offset  # rows slot_start.. of (S, nh, MAX, hs)
-                io.bind_input(past_name, "cpu", 0, pool.dtype.type, rows, ptr)
-                io.bind_output(present_name, "cpu", 0, pool.dtype.type, rows, ptr)
+        row_bytes = pool.n_head * pool.max_length * pool.head_dim * pool.dtype.itemsize
+        groups = [("", [B, self.n_head, pool.max_length, self.head_dim], pool.keys, pool.values,
+                   slot_start * row_bytes)]
+        if chunk_slot is None:
+            groups.append((tensors.CHUNK_PREFIX, [1, self.n_head, 1, self.head_dim], *self._scratch(), 0))
+        else:
+            groups.append((tensors.CHUNK_PREFIX, [1, self.n_head, pool.max_length, self.head_dim], pool.keys,
+                           pool.values, chunk_slot * row_bytes))
+        for prefix, rows, keys, values, offset in groups:
+            for layer in range(self.n_layer):
+                for past_name, present_name, buffers in (
+                    (tensors.past_key(layer), tensors.present_key(layer), keys),
+                    (tensors.past_value(layer), tensors.present_value(layer), values),
+                ):
+                    ptr = buffers[layer].ctypes.data + offset  # rows from `offset` of (S, nh, MAX, hs)
+                    io.bind_input(prefix + past_name, "cpu", 0, pool.dtype.type, rows, ptr)
+                    io.bind_output(prefix + present_name, "cpu", 0, pool.dtype.type, rows, ptr)
         self._bindings[key] = (weakref.ref(pool), io)
         if len(self._bindings) > self._MAX_BINDINGS:
             self._bindings.popitem(last=False)
         return io
+
+    def _scratch(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per layer, a (1, nh, 1, hs) key and value row: where the chunk group's dummy token of
+        a call without a chunk goes."""
+        if self._scratch_kv is None:
+            shape = (1, self.n_head, 1, self.head_dim)
+            self._scratch_kv = ([np.zeros(shape, self.kv_dtype) for _ in range(self.n_layer)],
+                                [np.zeros(shape, self.kv_dtype) for _ in range(self.n_layer)])
+        return self._scratch_kv
 
     def _check_step(self, input_ids: np.ndarray, pool: KVPool, slot_start: int,
                     past: np.ndarray) -> tuple[int, int]:
@@ -232,15 +300,19 @@ class OrtRuntime:
                              f"prompts); prompts after a past run one row per call, got {past.tolist()}")
         return B, T
 
-    def _logits_out(self, B: int, out: Optional[np.ndarray]) -> np.ndarray:
-        if out is not None:
-            if out.shape != (B, self.vocab_size) or out.dtype != self.logits_dtype or not out.flags.c_contiguous:
-                raise ValueError(f"out must be a C-contiguous {self.logits_dtype} array of shape "
-                                 f"({B}, {self.vocab_size}), got {out.dtype} {out.shape}")
-            return out
-        if self._logits is None or self._logits.shape[0] < B:
-            self._logits = np.empty((B, self.vocab_size), self.logits_dtype)
-        return self._logits[:B]
+    def _check_chunk(self, pool: KVPool, slot_start: int, past: np.ndarray, T: int, chunk_ids: np.ndarray,
+                     chunk_slot: int, chunk_past: int) -> None:
+        _, C = check_tokens(chunk_ids, self.vocab_size)
+        if not 0 <= chunk_slot < pool.max_sequences:
+            raise ValueError(f"chunk_slot must lie in [0, {pool.max_sequences}), got {chunk_slot}")
+        limit = min(pool.max_length, self.n_positions or pool.max_length)
+        if chunk_past < 0 or chunk_past + C > limit:
+            raise ValueError(f"chunk_past + chunk tokens must be in [{C}, {limit}] (the pool's max_length, the "
+                             f"model's n_positions), got {chunk_past} + {C}")
+        row = chunk_slot - slot_start
+        if 0 <= row < len(past) and past[row] < chunk_past + C:
+            raise ValueError(f"the chunk's slot {chunk_slot} rides along among the rows: its row must write "
+                             f"beyond the chunk (past_lengths >= {chunk_past + C}), got {int(past[row])}")
 
     # ------------------------------------------------------------------ any graph
 

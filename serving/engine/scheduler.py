@@ -8,10 +8,13 @@ iteration (`Scheduler.advance`) takes the requests of one `execute()` / one in-f
   advanced. Decode is memory-bound, so a few extra rows cost little next to a second call.
 - prompts (more than one new token) run one per runtime call (the static-cache graph takes
   several rows of many tokens only when none has a past). With `max_num_batched_tokens` set, a
-  prompt is prefilled in chunks of at most that many tokens, one iteration's worth at a time:
-  the in-flight loop runs the decode rows of the other sequences between the chunks, and the
-  prompt's step is answered after its last chunk. `step` runs iterations until every request
-  is answered (the plain `gpt` model).
+  prompt is prefilled in chunks of at most that many tokens, one iteration's worth at a time,
+  and the prompt's step is answered after its last chunk. `step` runs iterations until every
+  request is answered (the plain `gpt` model).
+- mixed calls (issue 15): an iteration's first prompt chunk runs in the SAME runtime call as its
+  decode steps (`runtime.step_mixed`: the graph's second attention group), so decoding streams
+  step with every chunk at the cost of one call. Further chunks that the budget allows run in
+  calls of their own; a runtime without `step_mixed` (TensorRT) runs the two calls.
 - with a prefix cache (serving/engine/prefix_cache.py), a prompt that starts with cached blocks
   gets their KV copied into its slot and prefills only the rest.
 A slot is freed on END, when the sequence idles out, and when its request fails; with a prefix
@@ -63,6 +66,7 @@ class SchedulerStats:
     batched_calls: int = 0  # decode calls with more than one real row
     max_rows_in_call: int = 0
     prefill_chunks: int = 0  # prompt calls that left part of their prompt for a later iteration
+    mixed_calls: int = 0  # calls that ran decode rows and a prompt chunk together
     sequences_started: int = 0
     sequences_ended: int = 0
     sequences_idled_out: int = 0
@@ -165,13 +169,7 @@ class Scheduler:
                 decode.append((tag, req, seq, tokens))
             else:
                 self._prefills.append(_Prefill(tag, req.sequence_id, seq, tokens, req.end))
-        if decode:
-            error = self._run([(seq, tokens) for _, _, seq, tokens in decode])
-            for tag, req, seq, _ in decode:
-                done.append((tag, self._result(seq, error)))
-                if req.end or error is not None:
-                    self._release(req.sequence_id, failed=error is not None and not req.end)
-        self._run_prefills(done)
+        self._run_prefills(done, decode)
         done += self._dropped
         self._dropped = []
         return done
@@ -250,27 +248,63 @@ class Scheduler:
         self.stats.sequences_started += 1
         return seq, req.tokens[reused:]
 
-    def _run_prefills(self, done: list) -> None:
-        """Prompt chunks, oldest prompt first, up to the token budget of one iteration."""
+    def _run_prefills(self, done: list, decode: list) -> None:
+        """The decode steps with the first prompt chunk in ONE call (a mixed call), then more
+        prompt chunks, oldest prompt first, up to the token budget of one iteration."""
         budget = self.max_num_batched_tokens or None
-        while self._prefills and (budget is None or budget > 0):
-            p = self._prefills[0]
-            n = len(p.tokens) - p.done if budget is None else min(budget, len(p.tokens) - p.done)
-            error = self._run([(p.seq, p.tokens[p.done:p.done + n])])
+        while decode or (self._prefills and (budget is None or budget > 0)):
+            p = self._prefills[0] if self._prefills and (budget is None or budget > 0) else None
+            chunk = None
+            if p is not None:
+                n = len(p.tokens) - p.done if budget is None else min(budget, len(p.tokens) - p.done)
+                chunk = (p.seq, p.tokens[p.done:p.done + n])
+            error, chunk_error = self._run([(seq, tokens) for _, _, seq, tokens in decode], chunk)
+            for tag, req, seq, _ in decode:
+                done.append((tag, self._result(seq, error)))
+                if req.end or error is not None:
+                    self._release(req.sequence_id, failed=error is not None and not req.end)
+            decode = []
+            if p is None:
+                return
             p.done += n
             if budget is not None:
                 budget -= n
-            if error is None and p.done < len(p.tokens):
+            if chunk_error is None and p.done < len(p.tokens):
                 self.stats.prefill_chunks += 1
                 continue  # the next chunk, in this iteration if the budget allows
             self._prefills.popleft()
-            done.append((p.tag, self._result(p.seq, error)))
-            if p.end or error is not None:
-                self._release(p.sequence_id, failed=error is not None and not p.end)
+            done.append((p.tag, self._result(p.seq, chunk_error)))
+            if p.end or chunk_error is not None:
+                self._release(p.sequence_id, failed=chunk_error is not None and not p.end)
 
-    def _run(self, rows: list[tuple[_Sequence, np.ndarray]]) -> Optional[str]:
-        """One runtime call over the contiguous slot range of `rows` (all with T new tokens);
-        each row's logits are kept on its sequence. The error, when the engine failed."""
+    def _run(self, rows: list[tuple[_Sequence, np.ndarray]], chunk: Optional[tuple[_Sequence, np.ndarray]] = None
+             ) -> tuple[Optional[str], Optional[str]]:
+        """One runtime call over the contiguous slot range of `rows` (all with T new tokens) and,
+        with the runtime's `step_mixed`, the prompt `chunk` of another sequence in the same call;
+        each row's (and the chunk's) logits are kept on its sequence. The errors of the rows and
+        of the chunk, when the engine failed."""
+        if not rows:
+            if chunk is None:
+                return None, None
+            error = self._call([chunk], None)  # a chunk alone is one row
+            return error, error
+        if chunk is not None and not self._can_mix(rows, chunk):
+            return self._call(rows, None), self._call([chunk], None)
+        error = self._call(rows, chunk)
+        return error, error
+
+    def _can_mix(self, rows: list[tuple[_Sequence, np.ndarray]], chunk: tuple[_Sequence, np.ndarray]) -> bool:
+        """The runtime has `step_mixed` and, when the chunk's slot rides along among the rows,
+        its dummy token fits beyond the chunk (the contract of `step_mixed`)."""
+        if not hasattr(self.runtime, "step_mixed") or any(len(t) != 1 for _, t in rows):
+            return False
+        slots = [seq.slot for seq, _ in rows]
+        slot = chunk[0].slot
+        inside = min(slots) <= slot <= max(slots)
+        return not inside or int(self.pool.lengths[slot]) + len(chunk[1]) + 1 <= self.pool.max_length
+
+    def _call(self, rows: list[tuple[_Sequence, np.ndarray]], chunk: Optional[tuple[_Sequence, np.ndarray]]
+              ) -> Optional[str]:
         slots = [seq.slot for seq, _ in rows]
         lo, hi = min(slots), max(slots)
         T = len(rows[0][1])
@@ -280,9 +314,18 @@ class Scheduler:
         for seq, tokens in rows:
             input_ids[seq.slot - lo] = tokens
         try:
-            logits = self.runtime.step(input_ids, pool=self.pool, slot_start=lo, past_lengths=past)
+            if chunk is None:
+                logits = self.runtime.step(input_ids, pool=self.pool, slot_start=lo, past_lengths=past)
+            else:
+                seq, tokens = chunk
+                chunk_past = int(self.pool.lengths[seq.slot])
+                if lo <= seq.slot <= hi:  # the chunk's slot rides along: its dummy goes beyond the chunk
+                    past[seq.slot - lo] = chunk_past + len(tokens)
+                logits = self.runtime.step_mixed(input_ids, pool=self.pool, slot_start=lo, past_lengths=past,
+                                                 chunk_ids=tokens, chunk_slot=seq.slot, chunk_past=chunk_past)
         except Exception as e:  # the engine failed: these rows' sequences are gone
-            logger.exception("runtime step failed for slots %s", slots)
+            logger.exception("runtime step failed for slots %s%s", slots,
+                             "" if chunk is None else f" and the chunk of slot {chunk[0].slot}")
             return f"engine error: {e}"
         now = self.clock()
         self.stats.runtime_calls += 1
@@ -290,11 +333,15 @@ class Scheduler:
         if len(rows) > 1:
             self.stats.batched_calls += 1
             self.stats.batched_rows += len(rows)
-        for seq, tokens in rows:
+        done = [(seq, tokens, seq.slot - lo) for seq, tokens in rows]
+        if chunk is not None:
+            self.stats.mixed_calls += 1
+            done.append((chunk[0], chunk[1], hi - lo + 1))  # the chunk's logits follow the rows'
+        for seq, tokens, row in done:
             start = int(self.pool.lengths[seq.slot])
             self.pool.lengths[seq.slot] = start + len(tokens)
             seq.last_used = now
-            seq.logits = logits[seq.slot - lo].copy()  # the runtime reuses its buffer
+            seq.logits = logits[row].copy()  # the runtime reuses its buffer
             if self.prefix_cache is not None:
                 self.prefix_cache.record(seq.slot, start, tokens)
                 if len(tokens) > 1:  # a prompt's blocks: other prompts may share them now

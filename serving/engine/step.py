@@ -111,6 +111,8 @@ class StepMetrics:
             "sequences_idled_out": make("counter", "gptpipe_idled_out_total", "Sequences freed by the idle timeout"),
             "prefill_chunks": make("counter", "gptpipe_prefill_chunks_total",
                                    "Prompt chunks run with more of their prompt left (chunked prefill)"),
+            "mixed_calls": make("counter", "gptpipe_mixed_calls_total",
+                                "Runtime calls that ran decode steps and a prompt chunk together"),
         }
         self._prefix = {  # counter -> the prefix cache stat it follows
             "queries": make("counter", "gptpipe_prefix_cache_queries_total", "Prompts looked up in the prefix cache"),
