@@ -40,7 +40,11 @@ def test_fp16_static_export_validates(model: GPT, text_tokens, tmp_path: Path) -
     assert report.perplexity.rel_change <= TOLERANCES["fp16"].max_rel_ppl
     ops = {n.op_type for n in graph(result).node}
     assert "GroupQueryAttention" in ops
-    assert result.bytes < 0.7 * sum(p.numel() * 4 for p in model.parameters())
+    # the weights are stored in fp16: half the fp32 bytes (the whole file's size also counts the
+    # graph's nodes, a large share for the tiny model, larger since mixed calls' second group)
+    weights = [onnx.numpy_helper.to_array(t) for t in graph(result).initializer]
+    float_bytes = sum(w.nbytes for w in weights if w.dtype.kind == "f")
+    assert float_bytes < 0.55 * sum(p.numel() * 4 for p in model.parameters()), float_bytes
     # a graph of another model fails the fp16 checks: they are not vacuous on random weights
     other = randomize_aux(GPT(model.config), seed=2).eval()
     with pytest.raises(ValidationError, match=r"check 'all checks \(\d+ positions\)': rms\(Δlogits\)"):
