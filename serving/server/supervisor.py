@@ -45,6 +45,8 @@ _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no prox
 # Answers of a model that is alive but refuses work right now.
 _ALIVE_REFUSALS = ("server busy", "server shutting down")
 _TIMED_OUT = "no answer within"  # how _send words a probe that timed out
+# Lines of the failed server's log kept on a restart: enough for a stub's faulthandler dump (every thread).
+RESTART_LOG_LINES = 250
 
 
 # Triton's --exit-timeout-secs under the supervisor: after the drain nothing should be in flight.
@@ -241,7 +243,7 @@ class Supervisor:
         """Kill the server, back off, start it again; bounded retries (SupervisorError when spent)."""
         stop = stop or threading.Event()
         self._enter(State.RESTARTING, reason)
-        logger.warning("supervisor: tritonserver's last log lines before the restart:\n%s", self.server.log_tail(30))
+        logger.warning("supervisor: tritonserver's last log lines before the restart:\n%s", self.server.log_tail(RESTART_LOG_LINES))
         self.server.kill()
         attempt = 0
         while not stop.is_set():
