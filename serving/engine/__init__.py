@@ -10,4 +10,6 @@
   profiles.py: optimisation profiles; gpu_libs.py: the pinned TensorRT / cuda-python imports
 - contract.py: the `Runtime` protocol and the step checks both runtimes share
 - kv_cache.py: `KVPool`, the preallocated KV slots
+- stub_bls.py: `RetiredIterators`, decoupled BLS iterators held until Triton 2.51's stub lets go of
+  them (the `generate` and `gpt` stubs; it frees them without the GIL otherwise)
 """

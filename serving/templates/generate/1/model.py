@@ -35,6 +35,7 @@ from serving.generation import (
     generate_tokens,
     make_sampling_params,
 )
+from serving.engine.stub_bls import RetiredIterators
 from serving.request_rules import (
     SEED_LIMIT,
     check_bool,
@@ -62,6 +63,9 @@ STEP_TIMEOUT_S = float(os.environ.get("GPTPIPE_STEP_TIMEOUT_S") or 30.0)
 # Triton's request timeout only covers a step still queued; one a dead stub had taken never comes
 # back, so each BLS call runs here and the worker waits for it at most STEP_TIMEOUT_S.
 _BLS_CALLS = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="generate-bls")
+# Finished decoupled BLS iterators, held until the stub has let go of them (Triton 2.51 frees them
+# without the GIL otherwise, which crashes this stub under load): see serving/engine/stub_bls.py.
+_RETIRED = RetiredIterators()
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _INPUT_NAMES = frozenset(spec.name for spec in tensors.GENERATE_INPUTS)
 
@@ -130,7 +134,7 @@ class TritonPythonModel:
         events = generate_tokens(step, generation)
         try:
             for event in events:
-                if _cancelled(sender, request):
+                if _cancelled(sender):
                     raise _Cancelled()
                 counts[1] += 1
                 if stream:
@@ -246,7 +250,7 @@ class _BlsStep:
         if not self.decoupled:
             return request.exec()
         answer = None
-        for response in request.exec(decoupled=True):  # one response (FINAL), then the stream ends
+        for response in _RETIRED.exec_decoupled(request):  # one response (FINAL), then the stream ends
             if answer is None and (response.has_error() or response.output_tensors()):
                 answer = response
         if answer is None:
@@ -309,12 +313,10 @@ def _scalar(request, name, default):
     return array[0]
 
 
-def _cancelled(sender, request):
-    for obj in (sender, request):
-        is_cancelled = getattr(obj, "is_cancelled", None)
-        if is_cancelled is not None and is_cancelled():
-            return True
-    return False
+def _cancelled(sender):
+    """The client cancelled (the sender and its request share one flag in the stub). Also the fence
+    that lets _RETIRED drop the iterators of earlier steps."""
+    return _RETIRED.is_cancelled(sender.is_cancelled)
 
 
 def _response(text, ids, logprobs, finish_reason, counts):

@@ -23,6 +23,7 @@ from serving import tensors
 from serving.engine.drain import DRAIN_IDLE_S, RUNNING, SHUTTING_DOWN, STOPPING, DrainFlag
 from serving.engine.leases import Leases
 from serving.engine.scheduler import StepQueue
+from serving.engine.stub_bls import RetiredIterators
 from serving.engine.step import EngineConfig, StepEngine, is_busy, parse_step
 from serving.errors import InvalidParameterError
 from serving.request_rules import check_known_fields
@@ -30,6 +31,8 @@ from serving.sampling import greedy_token
 
 logger = logging.getLogger("gptpipe.triton.gpt")
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# The drain's decoupled BLS iterators, held until the stub has let go of them (serving/engine/stub_bls.py).
+_RETIRED = RetiredIterators()
 
 
 class TritonPythonModel:
@@ -44,7 +47,7 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         if self.decoupled:
             self.engine.leases = Leases(complete=lambda sender: sender.send(flags=_FINAL),
-                                        cancelled=lambda sender: sender.is_cancelled())
+                                        cancelled=lambda sender: _RETIRED.is_cancelled(sender.is_cancelled))
             self._queue = StepQueue(settings.max_step_wait_s)
             self._thread = threading.Thread(target=self.engine.serve, args=(self._queue,),
                                             kwargs=dict(send=_send, failed=_failed), name="gpt-inflight", daemon=True)
@@ -131,9 +134,7 @@ class TritonPythonModel:
             requested_output_names=[tensors.OUTPUT_IDS], correlation_id=sid,
             flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END, timeout=5_000_000)
         try:
-            responses = request.exec(decoupled=True) if self.decoupled else [request.exec()]
-            for _ in responses:
-                pass
+            _RETIRED.exec_decoupled(request) if self.decoupled else request.exec()
         except Exception:  # noqa: BLE001 - best effort: the idle timeout ends it otherwise
             logger.exception("gpt: could not end sequence %d", sid)
 
