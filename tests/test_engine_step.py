@@ -26,11 +26,12 @@ class Recorded:
     """A metric sink: what the engine last set, or added up."""
 
     def __init__(self, kind: str) -> None:
-        self.kind, self.value = kind, 0.0
+        self.kind, self.value, self.calls = kind, 0.0, 0
 
     def set(self, value: float) -> None:
         assert self.kind == "gauge"
         self.value = value
+        self.calls += 1
 
     def increment(self, value: float) -> None:
         assert self.kind == "counter" and value > 0
@@ -122,6 +123,29 @@ def test_one_engine_call_answers_every_request_in_order_and_counts(tiny_export, 
     assert m["gptpipe_busy_rejections_total"].value == 1 and m["gptpipe_kv_free_slots"].value == 0
     engine.run(["e1", "e2", "e3"], [StepRequest(sid, np.array([1]), end=True) for sid in (1, 2, 3)])
     assert m["gptpipe_kv_active_sequences"].value == 0 and m["gptpipe_kv_free_slots"].value == 3
+
+
+def test_steady_decoding_sets_no_gauge_that_did_not_change(tiny_export, repository) -> None:
+    """Each metric update is an IPC round trip from the stub to tritonserver: the per-call update
+    sets a gauge only when its value moved (10 decode calls of one sequence: no gauge set again)."""
+    model = tiny_export[0]
+    engine, m = engine_for(repository)
+    prompt = [3, 1, 4, 1, 5]
+    (_, logits, error), = engine.run(["p"], [StepRequest(7, np.array(prompt), start=True)])
+    assert error is None
+    gauges = {name: r for name, r in m.items() if r.kind == "gauge"}
+    before = {name: r.calls for name, r in gauges.items()}
+    tokens = list(prompt)
+    for _ in range(10):
+        tokens.append(int(logits.argmax()))
+        (_, logits, error), = engine.run(["d"], [StepRequest(7, np.array(tokens[-1:]))])
+        assert error is None
+    np.testing.assert_allclose(logits, last_logits(model, tokens), atol=TOL, rtol=0)
+    assert {name: r.calls for name, r in gauges.items()} == before
+    assert m["gptpipe_kv_active_sequences"].value == 1 and m["gptpipe_runtime_calls_total"].value == 11
+    engine.run(["e"], [StepRequest(7, np.array([1]), end=True)])
+    assert m["gptpipe_kv_active_sequences"].value == 0 and gauges["gptpipe_kv_active_sequences"].calls > before[
+        "gptpipe_kv_active_sequences"]
 
 
 def test_the_inflight_loop_sends_every_response_and_survives_failures(repository) -> None:

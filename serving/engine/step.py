@@ -123,13 +123,21 @@ class StepMetrics:
                                "Prompt tokens whose KV came from the prefix cache"),
         }
         self._last = dict.fromkeys([*self._counters, *self._prefix], 0)
-        self._free.set(free_slots)
+        self._gauges: dict[int, float] = {}  # id(gauge) -> the value last set
+        self._set(self._free, free_slots)
+
+    def _set(self, gauge: Any, value: float) -> None:
+        """Set a gauge only when its value changed: each set is an IPC round trip to tritonserver,
+        and in steady decoding the pool's gauges stay the same call after call."""
+        if self._gauges.get(id(gauge)) != value:
+            gauge.set(value)
+            self._gauges[id(gauge)] = value
 
     def update(self, scheduler: Scheduler, n_requests: int) -> None:
         s = scheduler.stats
-        self._active.set(scheduler.active)
-        self._free.set(scheduler.free_slots)
-        self._max_rows.set(s.max_rows_in_call)
+        self._set(self._active, scheduler.active)
+        self._set(self._free, scheduler.free_slots)
+        self._set(self._max_rows, s.max_rows_in_call)
         if n_requests:  # an iteration that only ran prompt chunks received none
             self._requests.increment(n_requests)
         follow = [(key, metric, s) for key, metric in self._counters.items()]
