@@ -76,8 +76,10 @@ class SupervisorOptions:
     backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     ready_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
-    # SIGTERM to exit after the drain; more than Triton's own exit timeout (EXIT_TIMEOUT_S)
-    stop_timeout_s: float = EXIT_TIMEOUT_S + 3.0
+    # SIGTERM to exit after the drain: Triton's own exit timeout (EXIT_TIMEOUT_S) and 1 s more. Past
+    # its timeout 2.51 logs "Exiting immediately" and, when a client's gRPC stream kept `gpt` loaded,
+    # hangs: waiting longer only delays the kill (3 s more made SIGTERM-to-exit 7.5 s of the 8 allowed)
+    stop_timeout_s: float = EXIT_TIMEOUT_S + 1.0
 
     def __post_init__(self) -> None:
         if self.restart not in ("on-failure", "never"):
