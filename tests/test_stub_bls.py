@@ -1,7 +1,7 @@
 """Decoupled BLS calls from many threads of one python-backend stub (what the `generate` model
 does per token) against a real tritonserver 2.51: with serving.engine.stub_bls.RetiredIterators
 the stub survives; without it (GPTPIPE_TEST_BLS_NO_HOLD=1, the old pattern: drop each iterator at
-once) it died with a segfault or a corrupted heap in 8 of 8 runs on the 2-core build machine."""
+once) it died with a segfault or a corrupted heap, or hung, in 8 of 8 runs on the 2-core build machine."""
 
 from __future__ import annotations
 
