@@ -52,8 +52,7 @@ def test_serve_runs_the_frontend_and_leaves_nothing_behind(inflight_session, tmp
     while not lines.empty():
         output.append(lines.get())
     assert "Stopped." in "".join(output)
-    with socket_closed(port):
-        pass
+    assert_nothing_listens(port)
 
 
 def test_the_served_model_name_comes_from_the_manifest(tmp_path):
@@ -66,18 +65,9 @@ def test_the_served_model_name_comes_from_the_manifest(tmp_path):
     assert served_model_name(tmp_path) == "my-gpt2"
 
 
-class socket_closed:
+def assert_nothing_listens(port: int) -> None:
     """Nothing listens on the frontend's port any more."""
+    import socket
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def __enter__(self):
-        import socket
-
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", self.port)) != 0, f"something still listens on {self.port}"
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"

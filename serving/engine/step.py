@@ -123,15 +123,15 @@ class StepMetrics:
                                "Prompt tokens whose KV came from the prefix cache"),
         }
         self._last = dict.fromkeys([*self._counters, *self._prefix], 0)
-        self._gauges: dict[int, float] = {}  # id(gauge) -> the value last set
+        self._gauges: dict[Any, float] = {}  # gauge -> the value last set
         self._set(self._free, free_slots)
 
     def _set(self, gauge: Any, value: float) -> None:
         """Set a gauge only when its value changed: each set is an IPC round trip to tritonserver,
         and in steady decoding the pool's gauges stay the same call after call."""
-        if self._gauges.get(id(gauge)) != value:
+        if self._gauges.get(gauge) != value:
             gauge.set(value)
-            self._gauges[id(gauge)] = value
+            self._gauges[gauge] = value
 
     def update(self, scheduler: Scheduler, n_requests: int) -> None:
         s = scheduler.stats
