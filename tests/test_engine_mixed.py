@@ -128,6 +128,33 @@ def test_concurrent_generations_with_mixed_calls_give_the_tokens_of_each_alone(t
     assert pool.active == ()
 
 
+def test_with_nobody_decoding_the_oldest_prompt_runs_whole_and_beside_a_decoding_stream_in_chunks(tiny_export, runtime) -> None:
+    """Chunks (here 16 tokens) protect decoding streams' inter-token latency. Two 60-token prompts
+    reach an idle engine together: the first runs whole in the first iteration (one call, its TTFT
+    is one prefill); the second then shares the engine with a decoding sequence and goes in chunks
+    of 16 (4 iterations), even in iterations where that sequence sent no step. Both get PyTorch's
+    logits."""
+    model = tiny_export[0]
+    pool = runtime.new_pool(max_sequences=3, max_length=runtime.n_positions)
+    s = Scheduler(runtime, pool, vocab_size=runtime.vocab_size, max_num_batched_tokens=16)
+    first, second = tokens(21, 60), tokens(22, 60)
+    done = s.advance([StepRequest(1, np.array(first), start=True), StepRequest(2, np.array(second), start=True)], [1, 2])
+    assert [tag for tag, _ in done] == [1] and s.stats.runtime_calls == 1 and s.stats.prefill_chunks == 0
+    np.testing.assert_allclose(done[0][1].logits, reference(model, first)[0], atol=TOL, rtol=0)
+    iterations = 1
+    while not done or done[0][0] != 2:
+        done = s.advance([], [])
+        iterations += 1
+        assert iterations <= 10
+    assert iterations == 5 and s.stats.prefill_chunks == 3  # 16 + 16 + 16 + 12, one chunk per iteration
+    np.testing.assert_allclose(done[0][1].logits, reference(model, second)[0], atol=TOL, rtol=0)
+    s.release(1), s.release(2)
+    calls = s.stats.runtime_calls
+    done = s.advance([StepRequest(3, np.array(second[:50]), start=True)], [3])  # an idle engine again
+    assert [tag for tag, _ in done] == [3] and s.stats.runtime_calls == calls + 1
+    np.testing.assert_allclose(done[0][1].logits, reference(model, second[:50])[0], atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_a_mixed_call_through_the_optimised_graphs_stays_within_their_tolerance(tiny_export, precision, tmp_path) -> None:
     """fp16, int8 and int4 go through the same two-group graph (the optimise passes apply to it):

@@ -9,8 +9,10 @@ iteration (`Scheduler.advance`) takes the requests of one `execute()` / one in-f
 - prompts (more than one new token) run one per runtime call (the static-cache graph takes
   several rows of many tokens only when none has a past). With `max_num_batched_tokens` set, a
   prompt is prefilled in chunks of at most that many tokens, one iteration's worth at a time,
-  and the prompt's step is answered after its last chunk. `step` runs iterations until every
-  request is answered (the plain `gpt` model).
+  and the prompt's step is answered after its last chunk. When no sequence is decoding (every
+  slot holder waits for its prompt: an idle server, or a burst of newcomers), the oldest prompt
+  runs whole in one call: chunks only protect decoding streams. `step` runs iterations until
+  every request is answered (the plain `gpt` model).
 - mixed calls (issue 15): an iteration's first prompt chunk runs in the SAME runtime call as its
   decode steps (`runtime.step_mixed`: the graph's second attention group), so decoding streams
   step with every chunk at the cost of one call. Further chunks that the budget allows run in
@@ -252,6 +254,10 @@ class Scheduler:
         """The decode steps with the first prompt chunk in ONE call (a mixed call), then more
         prompt chunks, oldest prompt first, up to the token budget of one iteration."""
         budget = self.max_num_batched_tokens or None
+        if budget is not None and not decode and self._prefills and len(self._prefills) == len(self._sequences):
+            # nobody is decoding (every sequence holding a slot waits for its prompt): there is no
+            # stream's inter-token latency to protect, so the oldest prompt runs whole, its TTFT one call
+            budget = max(budget, len(self._prefills[0].tokens) - self._prefills[0].done)
         while decode or (self._prefills and (budget is None or budget > 0)):
             p = self._prefills[0] if self._prefills and (budget is None or budget > 0) else None
             chunk = None
