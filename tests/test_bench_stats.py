@@ -4,6 +4,8 @@ baseline ratio (baselines), the bytes a decode step reads (probes), the targets'
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -37,6 +39,19 @@ def test_level_stats_from_known_timings():
     assert s.wall_s == pytest.approx(0.39)  # first send .. last token of b
     assert s.aggregate_tokens_per_s == pytest.approx(8 / 0.39)
     assert s.requests_per_s == pytest.approx(2 / 0.39)
+
+
+def test_level_stats_split_the_closed_loops_start_from_its_steady_state():
+    # 2 streams: both first requests sent at t=0 (one waits for the other's prefill), then each
+    # stream's next request when its last ended
+    first = [timing(0.0, [0.01], first=0.1), timing(0.0, [0.01], first=0.5)]
+    later = [timing(0.2, [0.01], first=0.12), timing(0.6, [0.01], first=0.14), timing(0.9, [0.01], first=0.16)]
+    s = level_stats(later[:1] + first + later[1:], concurrency=2, output_tokens=2)  # completion order
+    assert s.ttft_start_ms["p50"] == pytest.approx(300.0) and s.ttft_start_ms["max"] == pytest.approx(500.0)
+    assert s.ttft_steady_ms["p50"] == pytest.approx(140.0) and s.ttft_steady_ms["p90"] == pytest.approx(156.0)
+    assert s.ttft_ms["p90"] == pytest.approx(364.0)  # every request, as before
+    alone = level_stats(first, concurrency=2, output_tokens=2)
+    assert math.isnan(alone.ttft_steady_ms["p50"])
 
 
 def test_level_stats_refuses_empty_input():

@@ -71,11 +71,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _levels_table(levels: Sequence[Mapping[str, Any]]) -> list[str]:
-    header = ["concurrency", "requests", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "ITL p50 ms",
-              "ITL p99 ms", "tok/s per stream", "aggregate tok/s", "req/s"]
+    header = ["concurrency", "requests", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "TTFT p90 ms, start",
+              "TTFT p90 ms, steady", "ITL p50 ms", "ITL p99 ms", "tok/s per stream", "aggregate tok/s", "req/s"]
     rows = [[
         str(lv["concurrency"]), str(lv["requests"]), _fmt(lv["ttft_ms"]["p50"]), _fmt(lv["ttft_ms"]["p90"]),
-        _fmt(lv["ttft_ms"]["p99"]), _fmt(lv["itl_ms"]["p50"], 2), _fmt(lv["itl_ms"]["p99"], 2),
+        _fmt(lv["ttft_ms"]["p99"]), _fmt(lv.get("ttft_start_ms", {}).get("p90")),
+        _fmt(lv.get("ttft_steady_ms", {}).get("p90")), _fmt(lv["itl_ms"]["p50"], 2), _fmt(lv["itl_ms"]["p99"], 2),
         _fmt(lv["tokens_per_s_per_stream"]), _fmt(lv["aggregate_tokens_per_s"]), _fmt(lv["requests_per_s"], 2),
     ] for lv in levels]
     return _table(header, rows)
@@ -91,7 +92,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"created {report.get('created', '?')}.")
     out.append("")
     out.append("Tokens/s per stream is the decode rate (n−1)/(last−first token), prefill excluded; "
-               "aggregate tokens/s is all new tokens of a level / its wall time.")
+               "aggregate tokens/s is all new tokens of a level / its wall time. TTFT at the start: each "
+               "stream's first request (all sent together, queued behind each other's prefills); steady: "
+               "every later request.")
     out += ["", "## Served", ""] + _levels_table(report["levels"])
     extra_sections = [(k, v) for k, v in report.get("served_extra", {}).items()]
     for title, levels in extra_sections:

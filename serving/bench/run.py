@@ -31,7 +31,7 @@ class BenchOptions:
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     prompt_tokens: int = 128
     output_tokens: int = 128
-    requests: Optional[int] = None  # per level; None: max(4, 2 x concurrency)
+    requests: Optional[int] = None  # per level; None: max(4, 3 x concurrency)
     baselines: bool = True
     baseline_requests: int = 3
     checkpoint: Optional[str] = None  # weights for the PyTorch baselines; None: the manifest's source
@@ -65,7 +65,7 @@ class BenchOptions:
                              f"({max(self.concurrency)}): every stream needs a request")
 
     def requests_for(self, concurrency: int) -> int:
-        return self.requests or max(4, 2 * concurrency)
+        return self.requests or max(4, 3 * concurrency)
 
 
 def check_fits(*, prompt_tokens: int, output_tokens: int, n_positions: int, concurrency: Sequence[int] = (),

@@ -78,6 +78,10 @@ class LevelStats:
     tokens: int  # new tokens received, all requests
     wall_s: float
     ttft_ms: dict[str, float]  # p50, p90, p99
+    # the closed loop's start: the first `concurrency` requests (sent together, one per stream)
+    # queue behind each other's prefills; the steady state is every later request
+    ttft_start_ms: dict[str, float]  # p50, p90, max
+    ttft_steady_ms: dict[str, float]  # p50, p90, p99 (nan without later requests)
     itl_ms: dict[str, float]  # p50, p99, mean
     tokens_per_s_per_stream: float  # mean over requests of (n - 1) / (last - first)
     aggregate_tokens_per_s: float  # tokens / wall
@@ -97,6 +101,9 @@ def level_stats(timings: Sequence[RequestTiming], *, concurrency: int, output_to
     if wall_s is None:
         wall_s = max(t.finished for t in timings) - min(t.sent for t in timings)
     ttft = [t.ttft * 1e3 for t in timings]
+    by_send = sorted(timings, key=lambda t: t.sent)
+    start = [t.ttft * 1e3 for t in by_send[:concurrency]]
+    steady = [t.ttft * 1e3 for t in by_send[concurrency:]]
     itl = np.concatenate([t.itls for t in timings]) * 1e3
     rates = [r for r in (t.decode_tokens_per_s for t in timings) if math.isfinite(r)]
     n_tokens = sum(t.n_tokens for t in timings)
@@ -108,6 +115,8 @@ def level_stats(timings: Sequence[RequestTiming], *, concurrency: int, output_to
         tokens=n_tokens,
         wall_s=wall_s,
         ttft_ms={"p50": percentile(ttft, 50), "p90": percentile(ttft, 90), "p99": percentile(ttft, 99)},
+        ttft_start_ms={"p50": percentile(start, 50), "p90": percentile(start, 90), "max": max(start)},
+        ttft_steady_ms={"p50": percentile(steady, 50), "p90": percentile(steady, 90), "p99": percentile(steady, 99)},
         itl_ms={"p50": percentile(itl, 50), "p99": percentile(itl, 99),
                 "mean": float(itl.mean()) if itl.size else float("nan")},
         tokens_per_s_per_stream=float(np.mean(rates)) if rates else float("nan"),

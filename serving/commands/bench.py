@@ -18,7 +18,8 @@ ConcurrencyOption = Annotated[str, typer.Option(
 PromptTokensOption = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (random token ids).")]
 OutputTokensOption = Annotated[int, typer.Option("--output-tokens", min=2, help="New tokens per request (eos ignored).")]
 RequestsOption = Annotated[Optional[int], typer.Option(
-    "--requests", min=1, help="Requests per level (default: max(4, 2 x concurrency)).")]
+    "--requests", min=1, help="Requests per level (default: max(4, 3 x concurrency): each stream's first "
+    "request, all sent together, and two more in the steady state).")]
 BaselinesOption = Annotated[bool, typer.Option(
     "--baselines/--no-baselines", help="Also run transformers, the PyTorch loop, in-process ORT and the bandwidth limit.")]
 CheckpointOption = Annotated[Optional[str], typer.Option(
