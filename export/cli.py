@@ -140,7 +140,7 @@ def export_model(
         help="reuse the KV of prompt prefixes already in the pool (blocks of 16 tokens)")] = True,
     max_num_batched_tokens: Annotated[int, typer.Option(
         "--max-num-batched-tokens", help="chunked prefill: prompt tokens per engine call (decode steps "
-                                         "of other sequences run between chunks); 0: whole prompts")] = 64,
+                                         "of other sequences run between chunks); 0: whole prompts")] = 32,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")] = False,
 ) -> None:
     """Export a GPT-2 checkpoint to ONNX with a KV cache, validate it against PyTorch, and write
@@ -167,7 +167,7 @@ def export_model(
 def _export(*, model: str, precision: str, output: Path, max_batch_size: int, opset: int, force: bool,
             tokenizer: Optional[Path], kv_cache: str, idle_timeout_s: float, inflight_batching: bool = True,
             max_step_wait_us: int = 5000, prefix_cache: bool = True,
-            max_num_batched_tokens: int = 64) -> None:
+            max_num_batched_tokens: int = 32) -> None:
     # reject bad flags before any slow work
     if precision not in PRECISIONS:
         raise ExportFailed(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -79,7 +79,7 @@ def test_the_engine_config_is_what_the_repository_wrote(tiny_export, repository)
     assert config.model_config == json.loads(json.dumps(model.config.to_dict()))
     assert config.max_sequences == 3 and config.intra_op_threads is None and config.spinning is False
     assert config.idle_timeout_s == 2.5 and config.max_step_wait_s == pytest.approx(1234e-6)
-    assert config.prefix_cache is True and config.max_num_batched_tokens == 64  # the defaults
+    assert config.prefix_cache is True and config.max_num_batched_tokens == 32  # the defaults
 
 
 def test_parse_step_takes_one_sequence_per_request() -> None:

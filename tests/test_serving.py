@@ -93,7 +93,7 @@ def test_the_repository_flavours(tmp_path):
         assert config.parameters["intra_op_spinning"].string_value == "0"  # the served engine does not spin
         # on by default: the prefix cache, and chunks of 64 prompt tokens
         assert config.parameters["prefix_cache"].string_value == ("1" if decoupled else "0")
-        assert config.parameters["max_num_batched_tokens"].string_value == ("64" if decoupled else "0")
+        assert config.parameters["max_num_batched_tokens"].string_value == ("32" if decoupled else "0")
         generation_config = json.loads((repo / tensors.TOKENIZER_MODEL / "1" / "generation_config.json").read_text())
         assert generation_config["inflight_batching"] is decoupled
     with pytest.raises(RepositoryError, match="max_step_wait_microseconds must be >= 0"):
