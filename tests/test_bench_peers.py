@@ -118,6 +118,54 @@ def test_peer_rows_from_a_real_paired_run(tiny):
     assert only_ov["served_vs_llamacpp_fp32"]["skipped"] == "llama.cpp was not asked for (--peers)"
 
 
+def test_each_peer_is_paired_with_prompts_the_server_has_not_seen(tiny, monkeypatch):
+    """Two peers timed against one server: the second one's served requests must not repeat the
+    first one's prompts (the server's prefix cache would answer their prefill: a TTFT ratio of a
+    cache hit, 0.2 in a real run). The peers here are stand-ins (the in-process ORT loop, as in
+    the test above; the peer venv is not part of `make test`); the server and its requests are real."""
+    from serving.bench import peer_bench
+
+    repository, _, server = tiny
+    served = read_repository(repository)
+    loop = OrtLoop(served.engine, threads=served.threads, max_length=served.config["n_positions"])
+
+    class StandIn:
+        info = {"llama_cpp": "stand-in"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        logits = staticmethod(loop.logits)
+
+    monkeypatch.setattr(peers, "installed", lambda name, venv=None: True)
+    monkeypatch.setattr(peers, "peer_generator", lambda worker: loop)
+    monkeypatch.setattr(peer_bench, "_hf_folder", lambda source, folder: folder)
+    monkeypatch.setattr(peer_bench, "_artefact", lambda *a, **k: "stand-in")
+    monkeypatch.setattr(peer_bench, "_open", lambda *a, **k: StandIn())
+    monkeypatch.setattr(peer_bench, "_aggregate_vs_cb", lambda *a, **k: {"skipped": "stand-in"})
+    sent: list[tuple[int, ...]] = []
+
+    class Recording:
+        def __init__(self):
+            self.generator = ServedGenerator(server.grpc_url)
+
+        def __call__(self, prompt, max_tokens):
+            sent.append(tuple(prompt))
+            return self.generator(prompt, max_tokens)
+
+        def close(self):
+            self.generator.close()
+
+    prompts = peer_bench.peer_prompts(3, 40, vocab_size=served.config["vocab_size"])  # 2 cacheable blocks each
+    entries = peer_bench.measure_peers(served, ("openvino", "llama.cpp"), prompts=prompts, output_tokens=4,
+                                       make_generator=Recording, source="stand-in")
+    assert all("paired_ratio" in entries[k] for k in ("openvino-fp32", "llama.cpp-fp32")), entries
+    assert len(sent) == 6 and len(set(sent)) == 6, "a peer's pairs repeated prompts the server had seen"
+
+
 @pytest.mark.peers
 def test_openvino_paired_with_the_served_model(tiny, tmp_path, monkeypatch):
     try:

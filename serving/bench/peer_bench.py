@@ -64,9 +64,10 @@ AGGREGATE_REPEATS = 2
 PROMPT_SEED = 16_000
 
 
-def peer_prompts(n: int, length: int, *, vocab_size: int) -> list[list[int]]:
-    """The paired requests' prompts: none of them sent to the server before (no prefix-cache hits)."""
-    return random_prompts(n, length, vocab_size=vocab_size, seed=PROMPT_SEED)
+def peer_prompts(n: int, length: int, *, vocab_size: int, peer: int = 0) -> list[list[int]]:
+    """The paired requests' prompts of the `peer`-th peer timed against one server: none of them
+    sent to the server before, by the bench or by another peer's pairs (no prefix-cache hits)."""
+    return random_prompts(n, length, vocab_size=vocab_size, seed=PROMPT_SEED + 1000 * peer)
 
 
 def parse_peers(text: str) -> tuple[str, ...]:
@@ -152,7 +153,7 @@ def measure_peers(served: ServedModel, names: Sequence[str], *, prompts: Sequenc
                   progress: Progress = NoProgress()) -> dict[str, Any]:
     """One entry per peer at the served precision ("openvino-fp32", ...): the check, then the
     prompts paired with served requests (`paired_run`; prompts the server has not seen, see
-    `peer_prompts`); OpenVINO also at 8 streams with its
+    `peer_prompts`: `prompts` for the first peer, new ones for each later peer); OpenVINO also at 8 streams with its
     ContinuousBatchingPipeline against 8 served streams ("openvino-cb-<precision>").
 
     An entry that could not be measured is {"skipped": reason} (peer not installed, no format
@@ -187,8 +188,11 @@ def measure_peers(served: ServedModel, names: Sequence[str], *, prompts: Sequenc
         progress.start(f"peers: the {precision} weights for {', '.join(todo)} (converted once, kept in {base})", 1)
         hf = _hf_folder(str(source), base / "hf")
         progress.advance()
-        for name in todo:
+        for index, name in enumerate(todo):
             key = keys[name]
+            # a later peer's served requests on the first one's prompts would be prefix-cache hits
+            pairs = prompts if index == 0 else peer_prompts(len(prompts), len(prompts[0]),
+                                                             vocab_size=served.config["vocab_size"], peer=index)
             try:
                 model = _artefact(name, precision, base, hf, threads=threads)
                 with _open(name, precision, model, threads=threads, n_ctx=n_ctx) as worker:
@@ -203,7 +207,7 @@ def measure_peers(served: ServedModel, names: Sequence[str], *, prompts: Sequenc
                     version = worker.info.get("openvino_genai") or worker.info.get("llama_cpp")
                     served_generator = make_generator()
                     try:
-                        entry = paired_run(peers.peer_generator(worker), prompts, output_tokens=output_tokens,
+                        entry = paired_run(peers.peer_generator(worker), pairs, output_tokens=output_tokens,
                                            label=f"peer {key}", served_generator=served_generator,
                                            progress=progress, note=f"{name} {version} on {model}, {threads} "
                                                                    "thread(s), in its own process")
