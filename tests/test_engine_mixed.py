@@ -148,7 +148,7 @@ def test_with_nobody_decoding_the_oldest_prompt_runs_whole_and_beside_a_decoding
         assert iterations <= 10
     assert iterations == 5 and s.stats.prefill_chunks == 3  # 16 + 16 + 16 + 12, one chunk per iteration
     np.testing.assert_allclose(done[0][1].logits, reference(model, second)[0], atol=TOL, rtol=0)
-    s.release(1), s.release(2)
+    assert s.release(1) and s.release(2)
     calls = s.stats.runtime_calls
     done = s.advance([StepRequest(3, np.array(second[:50]), start=True)], [3])  # an idle engine again
     assert [tag for tag, _ in done] == [3] and s.stats.runtime_calls == calls + 1
