@@ -26,7 +26,7 @@ def tiny_bench_repository(root: Path, *, max_sequences: int = 4, seed: int = 0) 
     repository = write_repository(root / "repo", engine_file=exported.path,
                                   tokenizer_json=train_tokenizer(config.vocab_size).to_str(),
                                   model_config=config.to_dict(),
-                                  # prompts over 16 tokens are prefilled in chunks (both loops, real server)
+                                  # prompts over 16 tokens are prefilled in chunks beside a decoding stream (both loops, real server)
                                   options=ServingOptions(max_sequences=max_sequences, max_num_batched_tokens=16))
     checkpoint = save_model(model, None, root / "hf")  # the same weights, for the baselines and peers
     return model, repository, checkpoint
