@@ -328,6 +328,21 @@ class Generation:
                                                  banned=self._banned if n < self.min_tokens else ())
             if self.top_logprobs:
                 top = tuple(self.sampler.top_logprobs(self.top_logprobs))
+        return self._accept(token, logprob, top, sent_at=sent_at)
+
+    def accept(self, token: int, *, sent_at: float) -> tuple[TokenEvent, Optional[Step]]:
+        """Take a token sampled elsewhere with this generation's settings (the engine-side loop
+        of serving/engine/generations.py): the text, stop strings and finish of ``advance``."""
+        if self.finish_reason is not None:
+            raise RuntimeError("accept() after the generation finished")
+        token = int(token)
+        if token < 0 or (self.vocab_size is not None and token >= self.vocab_size):
+            raise ValueError(f"the engine answered token id {token}, outside the vocabulary [0, {self.vocab_size})")
+        return self._accept(token, None, None, sent_at=sent_at)
+
+    def _accept(self, token: int, logprob: Optional[float], top: Any, *, sent_at: float
+                ) -> tuple[TokenEvent, Optional[Step]]:
+        n_prompt, n = len(self.prompt_ids), len(self.generated)
         self.generated.append(token)
         self._history[n_prompt + n] = token
         n += 1

@@ -165,6 +165,11 @@ CONTROL_CORRID = "CORRID"
 # A request parameter (bool) of a `gpt` step sent over a gRPC stream: keep the step's request
 # open until the sequence's next step, as a lease whose cancellation frees the KV slot at once.
 LEASE_PARAMETER = "gptpipe_lease"
+# Request parameters of a START+END `gpt` request that runs a whole generation in the engine
+# (a JSON object: max_new_tokens and the sampling fields), and of one that stops such a
+# generation (the int correlation id of its request): serving/engine/generations.py.
+GENERATE_PARAMETER = "gptpipe_generate"
+CANCEL_PARAMETER = "gptpipe_cancel"
 
 # `gpt`: one step of one sequence; the KV cache stays on the server, keyed by the correlation id.
 GPT_MODEL = "gpt"

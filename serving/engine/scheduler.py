@@ -183,6 +183,14 @@ class Scheduler:
         self._release(sequence_id, failed=True)
         return True
 
+    def finish(self, sequence_id: int) -> bool:
+        """End a sequence that finished without an END step (an engine-side generation that
+        stopped early): as END would, its blocks stay cached; False if it held no slot."""
+        if sequence_id not in self._sequences:
+            return False
+        self._release(sequence_id, failed=False)
+        return True
+
     def free_idle(self) -> None:
         """Free the sequences idle past the timeout (also done at every step)."""
         self._free_idle()

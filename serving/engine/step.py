@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from serving.engine.generations import CancelStep, EngineGeneration, GenerateStep, first_step
 from serving.engine.kv_cache import KVPool
 from serving.engine.leases import WATCH_INTERVAL_S, Leases
 from serving.engine.loader import load_runtime
@@ -42,8 +44,9 @@ from serving.engine.scheduler import BUSY_PREFIX, Scheduler, StepQueue, StepRequ
 
 logger = logging.getLogger(__name__)
 
-# A parsed request: the step, or the message of why the request cannot be one.
-Step = Union[StepRequest, str]
+# A parsed request: the step (or an engine-side generation's start or cancel: see
+# serving/engine/generations.py), or the message of why the request cannot be one.
+Step = Union[StepRequest, GenerateStep, CancelStep, str]
 # (request, logits (V,) or None, error or None) -> the response for that request
 Answer = Callable[[Any, Optional[np.ndarray], Optional[str]], Any]
 # (kind "gauge" | "counter", name, description) -> a metric with set() / increment()
@@ -174,6 +177,14 @@ class StepEngine:
         self.metrics = StepMetrics(make_metric, free_slots=self.pool.max_sequences)
         self.lock = threading.RLock()  # the scheduler, the leases, the metrics: engine thread vs watcher
         self.leases: Optional[Leases] = None  # set by a decoupled adapter
+        # engine-side generations (decoupled only), by sequence id, and their next steps
+        self.generations: dict[int, EngineGeneration] = {}
+        self._own: list[StepRequest] = []
+        # set by the adapter: (request, token or None, error or None) -> a generation's response;
+        # whether a generation's sender is cancelled; why generations must stop now (shutdown)
+        self.answer_token: Callable[[Any, Optional[int], Optional[str]], Any] = lambda r, t, e: (r, t, e)
+        self.cancelled: Callable[[Any], bool] = lambda sender: False
+        self.refusal: Callable[[], Optional[str]] = lambda: None
 
     def watch(self, stop: threading.Event, interval_s: float = WATCH_INTERVAL_S) -> None:
         """Until ``stop``: free the slots of dead clients (leases) and idle sequences, and bring
@@ -183,6 +194,10 @@ class StepEngine:
                 with self.lock:
                     if self.leases is not None:
                         self.leases.sweep(self.scheduler)
+                    for g in list(self.generations.values()):
+                        if not g.cancelled and self.cancelled(g.sender):
+                            logger.info("the caller of generation %d went away; stopping it", g.sequence_id)
+                            g.cancelled = True
                     self.scheduler.free_idle()
                     self.metrics.update(self.scheduler, 0)
             except Exception:  # noqa: BLE001 - the watcher must keep watching
@@ -191,6 +206,8 @@ class StepEngine:
     def run(self, requests: Sequence[Any], steps: Sequence[Step]) -> list[Any]:
         """Run one batch of requests, parsed into steps (or error messages); their responses,
         in order."""
+        steps = [s if isinstance(s, (StepRequest, str)) else
+                 "gptpipe_generate and gptpipe_cancel need the in-flight (decoupled) gpt model" for s in steps]
         with self.lock:
             valid = [s for s in steps if not isinstance(s, str)]
             results = iter(self.scheduler.step(valid))
@@ -216,10 +233,13 @@ class StepEngine:
         step (see serving/engine/leases.py)."""
         cohort: set[int] = set()  # sequences answered last iteration and still active: worth waiting for
         while True:
-            batch, _ = queue.gather(cohort, block=not self.scheduler.prefilling)
-            if not batch and queue.closed:
+            batch, _ = queue.gather(cohort, block=not (self.scheduler.prefilling or self._own))
+            if not batch and queue.closed and not self._own:
+                self._stop_generations("the gpt model is shutting down", send, failed)
                 return
             with self.lock:
+                received = len(batch)
+                batch = self._take_generation_steps(batch, send)
                 for _, step, _, _ in batch:  # the previous step of each sequence is answered: complete it
                     if self.leases is not None and not isinstance(step, str):
                         self.leases.end(step.sequence_id)
@@ -227,16 +247,23 @@ class StepEngine:
                 # (request, sender, wants a lease, step, logits, error: a message or what raised)
                 answers = [(request, sender, lease, step, None, step) for request, step, sender, lease in batch
                            if isinstance(step, str)]
+                own = self._own_steps(send)
                 try:
-                    done = self.scheduler.advance([step for _, step, _, _ in valid],
-                                                  [(request, sender, lease, step) for request, step, sender, lease in valid])
-                    answers += [(request, sender, lease, step, r.logits, r.error)
-                                for (request, sender, lease, step), r in done]
+                    done = self.scheduler.advance([step for _, step, _, _ in valid] + [s for _, s in own],
+                                                  [(request, sender, lease, step) for request, step, sender, lease in valid]
+                                                  + [g for g, _ in own])
+                    for tag, r in done:
+                        if isinstance(tag, EngineGeneration):
+                            self._advance_generation(tag, r.logits, r.error, send, failed)
+                        else:
+                            answers.append((*tag, r.logits, r.error))
                 except Exception as e:  # noqa: BLE001 - the thread must keep serving
                     logger.exception("gpt step failed")
                     answers += [(request, sender, lease, step, None, e) for request, step, sender, lease in valid]
+                    for g, _ in own:
+                        self._advance_generation(g, None, e, send, failed)
                 try:
-                    self.metrics.update(self.scheduler, len(batch))
+                    self.metrics.update(self.scheduler, received)
                 except Exception:  # noqa: BLE001 - the numbers are extra; the steps must be answered
                     logger.exception("could not update the gpt metrics")
                 active = self.scheduler.sequence_ids()
@@ -262,3 +289,89 @@ class StepEngine:
                     if keep:
                         self.leases.hold(step.sequence_id, sender)  # type: ignore[union-attr]
                 cohort &= active
+
+    # ------------------------------------------------------------------ engine-side generations
+
+    def _take_generation_steps(self, batch: list, send: Callable[[Any, Any, bool], None]) -> list:
+        """Register the batch's new generations (their first step stays in the batch, as a
+        StepRequest), answer its cancels, refuse client steps of a generating sequence."""
+        out = []
+        for request, step, sender, lease in batch:
+            if isinstance(step, CancelStep):
+                g = self.generations.get(step.target)
+                if g is not None:
+                    g.cancelled = True
+                self._send(send, sender, self.answer_token(request, None, None), True)
+                continue
+            if not isinstance(step, str) and step.sequence_id in self.generations:
+                step = f"sequence {step.sequence_id} is generating in the engine: it takes no steps"
+            elif isinstance(step, GenerateStep):
+                g = EngineGeneration(step.sequence_id, step.generation, request, sender)
+                self.generations[g.sequence_id] = g
+                self._own.append(first_step(g.sequence_id, g.generation))
+                continue
+            out.append((request, step, sender, lease))
+        return out
+
+    def _own_steps(self, send: Callable[[Any, Any, bool], None]) -> list[tuple[EngineGeneration, StepRequest]]:
+        """This iteration's steps of the running generations; cancelled ones end here."""
+        own, self._own = self._own, []
+        out = []
+        for step in own:
+            g = self.generations.get(step.sequence_id)
+            if g is None:
+                continue
+            if g.cancelled:
+                self._end_generation(g)
+                self._send(send, g.sender, self.answer_token(g.request, None, None), True)
+                continue
+            out.append((g, step))
+        return out
+
+    def _advance_generation(self, g: EngineGeneration, logits: Optional[np.ndarray], error: Any,
+                            send: Callable[[Any, Any, bool], None], failed: Callable[[Any, Exception], Any]) -> None:
+        """Sample a generation's next token from its step's logits, answer it, queue its next step."""
+        if self.generations.get(g.sequence_id) is not g:
+            return  # it ended already (a prompt dropped with its slot answers late)
+        nxt = None
+        try:
+            if isinstance(error, Exception):
+                response = failed(g.request, error)
+            else:
+                error = error or (self.refusal() if not g.cancelled else None)
+                if error is None and not g.cancelled:
+                    event, nxt = g.generation.advance(logits, sent_at=g.sent_at)
+                    g.sent_at = time.perf_counter()
+                    response = self.answer_token(g.request, event.token_id, None)
+                else:
+                    response = self.answer_token(g.request, None, error)
+        except Exception as e:  # noqa: BLE001 - e.g. NaN logits: this generation fails, the engine serves on
+            logger.exception("could not advance generation %d", g.sequence_id)
+            response, nxt = failed(g.request, e), None
+        final = nxt is None
+        if not self._send(send, g.sender, response, final) and not final:
+            final = True  # its caller is gone
+        if final:
+            self._end_generation(g)
+        else:
+            self._own.append(StepRequest(g.sequence_id, np.array(nxt.tokens, dtype=np.int64), end=nxt.end))
+
+    def _end_generation(self, g: EngineGeneration) -> None:
+        self.generations.pop(g.sequence_id, None)
+        self.scheduler.finish(g.sequence_id)  # no-op when its last step carried END
+
+    def _stop_generations(self, error: str, send: Callable[[Any, Any, bool], None],
+                          failed: Callable[[Any, Exception], Any]) -> None:
+        with self.lock:
+            for g in list(self.generations.values()):
+                self._end_generation(g)
+                self._send(send, g.sender, self.answer_token(g.request, None, error), True)
+
+    @staticmethod
+    def _send(send: Callable[[Any, Any, bool], None], sender: Any, response: Any, final: bool) -> bool:
+        try:
+            send(sender, response, final)
+            return True
+        except Exception:  # noqa: BLE001 - e.g. the caller went away
+            logger.exception("could not send a gpt response")
+            return False

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 class RetiredIterators:
@@ -75,3 +75,12 @@ class RetiredIterators:
         responses = list(iterator)
         self.hold(iterator)
         return responses
+
+    def stream_decoupled(self, request: Any) -> Iterator[Any]:
+        """``request.exec(decoupled=True)``'s responses as they come (a streaming generation);
+        the iterator is held once the loop leaves it."""
+        iterator = request.exec(decoupled=True)
+        try:
+            yield from iterator
+        finally:
+            self.hold(iterator)

@@ -16,6 +16,7 @@ import faulthandler
 import json
 import logging
 import os
+import queue
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from serving.generation import (
     generate_tokens,
     make_sampling_params,
 )
+from serving.engine.generations import generation_spec
 from serving.engine.stub_bls import RetiredIterators
 from serving.request_rules import (
     SEED_LIMIT,
@@ -128,10 +130,13 @@ class TritonPythonModel:
         # TensorRT-LLM's default: the prompt's text is not repeated in text_output
         prefix = "" if check_bool("exclude_input_in_output", _scalar(request, "exclude_input_in_output", True)) else \
             self.tokenizer.decode(generation.prompt_ids)
-        step = _BlsStep(correlation_id=secrets.randbits(63) + 1,  # 0 means "no sequence"
-                        argmax=generation.argmax_only, decoupled=self.gpt_decoupled)
+        if self.gpt_decoupled and not return_logprobs:  # the engine runs the loop (one BLS call)
+            events = _engine_tokens(generation)
+        else:  # a BLS call into `gpt` per token: log-probs need the logits here
+            step = _BlsStep(correlation_id=secrets.randbits(63) + 1,  # 0 means "no sequence"
+                            argmax=generation.argmax_only, decoupled=self.gpt_decoupled)
+            events = generate_tokens(step, generation)
         ids, logprobs, text = [], [], []
-        events = generate_tokens(step, generation)
         try:
             for event in events:
                 if _cancelled(sender):
@@ -297,6 +302,114 @@ class _BlsStep:
             if busy or message.startswith(("prompt too long", "server shutting down")):
                 raise _StepRefused(message)
             raise RuntimeError(message)
+
+
+def _gpt_request(ids, correlation_id, parameters):
+    """A START+END request to `gpt`: a whole sequence (serving/engine/generations.py)."""
+    return pb_utils.InferenceRequest(
+        model_name=tensors.GPT_MODEL, inputs=[pb_utils.Tensor(tensors.INPUT_IDS, ids)],
+        requested_output_names=[tensors.OUTPUT_IDS], correlation_id=correlation_id,
+        flags=pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START | pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END,
+        parameters=parameters, timeout=int(STEP_TIMEOUT_S * 1e6))
+
+
+class _Stream:
+    """The responses of one decoupled BLS call, each waited for at most STEP_TIMEOUT_S (a dead
+    `gpt` stub never answers): a worker thread iterates the call and hands them over."""
+
+    def __init__(self, request):
+        self._queue, self.ended = queue.SimpleQueue(), False
+        _BLS_CALLS.submit(self._pump, request)
+
+    def _pump(self, request):
+        try:
+            for response in _RETIRED.stream_decoupled(request):  # each as it comes
+                self._queue.put(response)
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            self._queue.put(e)
+        self._queue.put(None)
+
+    def next(self):
+        """The next response, or None once the stream ended."""
+        if self.ended:
+            return None
+        try:
+            item = self._queue.get(timeout=STEP_TIMEOUT_S)
+        except queue.Empty:
+            raise RuntimeError(f"{tensors.GPT_MODEL} answered no token within {STEP_TIMEOUT_S:g} s") from None
+        if isinstance(item, Exception):
+            raise item
+        self.ended = item is None
+        return item
+
+    def drain(self):
+        """Read to the end, within a bound (after a cancel: the engine ends the stream)."""
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not self.ended and time.monotonic() < deadline:
+            self.next()
+
+
+def _engine_tokens(generation):
+    """The generation's tokens from `gpt`'s engine-side loop, through the generation's own
+    text, stop strings and finish. A stop string, a cancel or an error of the caller stops the
+    engine (a cancel request: Triton 2.51's BLS cannot cancel a request)."""
+    ids = np.asarray(generation.prompt_ids, dtype=np.int64)[None, :]
+    spec = {tensors.GENERATE_PARAMETER: generation_spec(generation)}
+    deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
+    while True:  # a START refused as busy is retried until a slot frees
+        correlation_id = secrets.randbits(63) + 1
+        stream = _Stream(_gpt_request(ids, correlation_id, spec))
+        response, sent_at = stream.next(), time.perf_counter()
+        if response is None:
+            raise RuntimeError(f"{tensors.GPT_MODEL} ended the generation without a token")
+        if not response.has_error():
+            break
+        message = response.error().message()
+        stream.drain()
+        if message.startswith("server busy") and time.monotonic() + delay < deadline:
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
+            continue
+        if message.startswith("invalid parameter"):
+            raise InvalidParameterError(message.removeprefix("invalid parameter: "))
+        if message.startswith(("server busy", "prompt too long", "server shutting down")):
+            raise _StepRefused(message)
+        raise RuntimeError(message)
+    try:
+        while True:
+            if response.has_error():
+                message = response.error().message()
+                raise (_StepRefused if message.startswith("server shutting down") else RuntimeError)(message)
+            token = pb_utils.get_output_tensor_by_name(response, tensors.OUTPUT_IDS)
+            if token is None:
+                raise RuntimeError(f"{tensors.GPT_MODEL} ended the generation before its last token")
+            event, _ = generation.accept(int(token.as_numpy().reshape(-1)[0]), sent_at=sent_at)
+            yield event
+            if event.finish_reason is not None:
+                # the engine ended with this token too, unless a stop string (text: found here) ended it
+                if event.finish_reason != "stop" or event.token_id in generation.stop_token_ids:
+                    stream.drain()
+                return
+            response, sent_at = stream.next(), time.perf_counter()
+            if response is None:
+                raise RuntimeError(f"{tensors.GPT_MODEL} ended the generation before its last token")
+    finally:
+        if not stream.ended:
+            _cancel(correlation_id)
+            try:
+                stream.drain()
+            except Exception:  # noqa: BLE001 - the first error is the one the caller sees
+                logger.debug("draining a stopped generation failed", exc_info=True)
+
+
+def _cancel(correlation_id):
+    """Stop the engine-side generation of ``correlation_id`` (best effort: it ends at its limit anyway)."""
+    request = _gpt_request(np.zeros((1, 1), dtype=np.int64), secrets.randbits(63) + 1,
+                           {tensors.CANCEL_PARAMETER: correlation_id})
+    try:
+        _Stream(request).drain()
+    except Exception:  # noqa: BLE001
+        logger.warning("could not stop generation %d", correlation_id, exc_info=True)
 
 
 class _StepRefused(GptpipeError):

@@ -20,6 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving import tensors
+from serving.engine.generations import CancelStep, GenerateStep, check_flags, parse_generation
 from serving.engine.drain import DRAIN_IDLE_S, RUNNING, SHUTTING_DOWN, STOPPING, DrainFlag
 from serving.engine.leases import Leases
 from serving.engine.scheduler import StepQueue
@@ -43,11 +44,16 @@ class TritonPythonModel:
         self._families = []  # a MetricFamily must outlive its Metric objects
         self._labels = {"model": config["name"]}
         self.engine = StepEngine(settings, answer=self._answer, make_metric=self._metric)
+        self._limits = (int(settings.model_config["n_positions"]), int(settings.model_config["vocab_size"]))
         self._start_drain_watch(config)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         if self.decoupled:
             self.engine.leases = Leases(complete=lambda sender: sender.send(flags=_FINAL),
                                         cancelled=lambda sender: _RETIRED.is_cancelled(sender.is_cancelled))
+            self.engine.answer_token = _answer_token
+            self.engine.cancelled = lambda sender: _RETIRED.is_cancelled(sender.is_cancelled)
+            self.engine.refusal = lambda: (f"{SHUTTING_DOWN}: the generation was stopped"
+                                           if self._drain.state() == STOPPING else None)
             self._queue = StepQueue(settings.max_step_wait_s)
             self._thread = threading.Thread(target=self.engine.serve, args=(self._queue,),
                                             kwargs=dict(send=_send, failed=_failed), name="gpt-inflight", daemon=True)
@@ -61,7 +67,7 @@ class TritonPythonModel:
                     f", in-flight batching (wait <= {self._queue.wait_s * 1e3:g} ms)" if self.decoupled else "")
 
     def execute(self, requests):
-        parsed = [(self._admit(step), lease) for step, lease in map(_parse, requests)]
+        parsed = [(self._admit(step), lease) for step, lease in (_parse(r, self._limits) for r in requests)]
         steps = [step for step, _ in parsed]
         if not self.decoupled:
             return self.engine.run(requests, steps)
@@ -121,7 +127,7 @@ class TritonPythonModel:
             if state == RUNNING:
                 continue
             now = time.monotonic()
-            for sid in open_ids - self._ended:
+            for sid in open_ids - self._ended - set(self.engine.generations):  # those end by themselves
                 if now - self._last_step.get(sid, now) > DRAIN_IDLE_S:
                     self._ended.add(sid)
                     logger.info("gpt: ending sequence %d (%s, idle %.2f s)", sid, state,
@@ -145,14 +151,20 @@ class TritonPythonModel:
         return family.Metric(labels=self._labels)
 
 
-def _parse(request):
-    """(a StepRequest or an error message for a request that cannot be one, whether the step
-    keeps its request open as the sequence's lease)."""
+_PARAMETERS = (tensors.LEASE_PARAMETER, tensors.GENERATE_PARAMETER, tensors.CANCEL_PARAMETER)
+
+
+def _parse(request, limits):
+    """(a StepRequest, a GenerateStep or CancelStep (serving/engine/generations.py), or an error
+    message for a request that cannot be one; whether the step keeps its request open as the
+    sequence's lease). limits: (n_positions, vocab_size)."""
     try:
         parameters = json.loads(request.parameters() or "{}")
-        check_known_fields(parameters, (tensors.LEASE_PARAMETER,), where=f" of the {tensors.GPT_MODEL} request")
+        check_known_fields(parameters, _PARAMETERS, where=f" of the {tensors.GPT_MODEL} request")
     except InvalidParameterError as e:
         return f"invalid parameter: {e}", False
+    if tensors.GENERATE_PARAMETER in parameters or tensors.CANCEL_PARAMETER in parameters:
+        return _parse_generation(request, parameters, limits), False
 
     def scalar(name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -162,6 +174,43 @@ def _parse(request):
     step = parse_step(ids, sequence_id=scalar(tensors.CONTROL_CORRID), start=scalar(tensors.CONTROL_START),
                       end=scalar(tensors.CONTROL_END))
     return step, parameters.get(tensors.LEASE_PARAMETER) is True
+
+
+def _parse_generation(request, parameters, limits):
+    """A GenerateStep or CancelStep, or the message of why the request is neither."""
+    def scalar(name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+
+    sequence_id = int(scalar(tensors.CONTROL_CORRID))
+    wrong = check_flags(bool(scalar(tensors.CONTROL_START)), bool(scalar(tensors.CONTROL_END)))
+    if wrong is not None:
+        return f"invalid parameter: {wrong}"
+    if tensors.CANCEL_PARAMETER in parameters:
+        target = parameters[tensors.CANCEL_PARAMETER]
+        if isinstance(target, bool) or not isinstance(target, int) or tensors.GENERATE_PARAMETER in parameters:
+            return (f"invalid parameter: {tensors.CANCEL_PARAMETER} must be the int correlation id of a "
+                    f"generation (and alone), got {target!r}")
+        return CancelStep(sequence_id, target)
+    ids = pb_utils.get_input_tensor_by_name(request, tensors.INPUT_IDS).as_numpy()
+    step = parse_step(ids, sequence_id=sequence_id, start=True, end=False)
+    if isinstance(step, str):
+        return step
+    n_positions, vocab_size = limits
+    try:
+        generation = parse_generation(parameters[tensors.GENERATE_PARAMETER], step.tokens.tolist(),
+                                      n_positions=n_positions, vocab_size=vocab_size)
+    except InvalidParameterError as e:
+        return str(e) if str(e).startswith("prompt too long") else f"invalid parameter: {e}"
+    return GenerateStep(step, generation)
+
+
+def _answer_token(request, token, error):
+    """A generation's response: its next token (output_ids, (1, 1)), its error, or nothing (the end)."""
+    if error is not None:
+        return _answer(request, None, error)
+    outputs = [] if token is None else [pb_utils.Tensor(tensors.OUTPUT_IDS, np.array([[token]], dtype=np.int64))]
+    return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
 def _answer(request, logits, error):
