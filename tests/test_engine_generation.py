@@ -168,3 +168,25 @@ def test_a_bad_direct_generation_is_refused_naming_its_field(inflight, parameter
     assert tokens == [] and error is not None and message in error
     assert "invalid parameter" in error or "must" in error
     assert wait_for(lambda: inflight.active_sequences() == 0)  # the server keeps serving, nothing held
+
+
+def test_the_benchs_engine_mode_gets_pytorchs_tokens_and_a_closed_stream_stops_the_engine(inflight) -> None:
+    """`gptpipe bench --mode engine`: tritonclient straight into the engine's loop. Leaving the
+    stream early cancels the request; the engine's watcher (every 0.25 s) stops the generation and
+    frees its slot, and the server keeps serving. (The tiny model's 86 steps take less than one
+    watcher period, so how early it stops is not asserted here; the stop-string test above counts.)"""
+    from export.model import generate_greedy
+    from serving.bench.served import ServedGenerator
+
+    prompt = inflight.tokenizer.encode(PROMPTS[3])
+    generator = ServedGenerator(inflight.server.grpc_url, mode="engine")
+    try:
+        timing = generator(prompt, 16)
+        assert list(timing.tokens) == generate_greedy(inflight.model, prompt, 16, eos_token_id=None)
+        events = generator._events(prompt, 128 - len(prompt))
+        next(events)
+        events.close()  # the caller goes away after one token
+        assert wait_for(lambda: inflight.active_sequences() == 0)
+        assert list(generator(prompt, 16).tokens) == list(timing.tokens)
+    finally:
+        generator.close()

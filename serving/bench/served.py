@@ -19,8 +19,8 @@ import numpy as np
 from serving.bench.stats import RequestTiming
 
 
-Mode = Literal["client", "server"]
-MODES: tuple[str, ...] = ("client", "server")
+Mode = Literal["client", "server", "engine"]
+MODES: tuple[str, ...] = ("client", "server", "engine")
 
 
 class ServedGenerator:
@@ -29,7 +29,8 @@ class ServedGenerator:
 
     mode "client": the client-side loop (`serving.generation.generate_tokens` over the client's
     gRPC step transport into the stateful `gpt` model); mode "server": the streaming `generate`
-    model over a gRPC stream, with end_id = -1.
+    model over a gRPC stream, with end_id = -1; mode "engine": the in-flight `gpt`'s engine-side
+    loop called directly over a gRPC stream (serving/client/engine_mode.py), eos off.
 
     The public `Client.generate` takes text and stops at eos; a benchmark needs fixed-length
     prompts of token ids and a fixed number of new tokens whatever the model says, so this
@@ -70,6 +71,10 @@ class ServedGenerator:
             n_positions=self.config.n_positions, vocab_size=self.config.vocab_size, eos_token_id=None)
         if self.mode == "client":
             return generate_tokens(self.client._client_step(generation), generation)
+        if self.mode == "engine":
+            from serving.client.engine_mode import _grpc_engine_events
+
+            return _grpc_engine_events(self.client.url, generation, self.client.timeout_s)
         request = _validate("-", max_new_tokens=max_tokens, temperature=0.0, top_k=0, top_p=1.0,
                             repetition_penalty=1.0, stop=(), seed=0, stream=True, mode="server",
                             return_logprobs=False)

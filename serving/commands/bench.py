@@ -12,7 +12,8 @@ UrlOption = Annotated[Optional[str], typer.Option(
 RepositoryOption = Annotated[Path, typer.Option(
     "--repository", help="The model repository (served locally without --url; read for the baselines).")]
 ModeOption = Annotated[str, typer.Option(
-    "--mode", help="client: the client-side loop over the gpt model; server: the streaming generate model.")]
+    "--mode", help="client: the client-side loop over the gpt model; server: the streaming generate model; "
+    "engine: the gpt engine's own loop (gptpipe_generate) over a gRPC stream, no generate model.")]
 ConcurrencyOption = Annotated[str, typer.Option(
     "--concurrency", help="Comma-separated concurrent streams per level, e.g. 1,2,4,8.")]
 PromptTokensOption = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (random token ids).")]
