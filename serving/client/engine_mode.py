@@ -16,11 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from serving import tensors
-from serving.client.errors import _tritonclient_error
 from serving.client.request import _new_correlation_id
-from serving.client.server_mode import _cut_short, _stream_failed
+from serving.client.server_mode import _cut_short, _is_final, _next_response, _stream_failed
 from serving.engine.generations import generation_spec
-from serving.generation import Generation, ServerUnavailableError, TokenEvent
+from serving.generation import Generation, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +48,8 @@ def _grpc_engine_events(url: str, generation: Generation, timeout: float) -> Ite
         except InferenceServerException as e:
             raise _stream_failed(responses, e, url) from None
         while True:
-            try:
-                result, error, arrived = responses.get(timeout=timeout)
-            except queue.Empty:
-                raise ServerUnavailableError(f"no answer from the Triton server at {url} (grpc) "
-                                             f"within {timeout} s") from None
-            if error is not None:
-                ended = True
-                raise _tritonclient_error(error, url, "grpc")
-            final = result.get_response().parameters.get("triton_final_response")
-            ended = final is not None and final.bool_param
+            result, arrived = _next_response(responses, url, timeout)
+            ended = _is_final(result)
             token = result.as_numpy(tensors.OUTPUT_IDS)
             if token is not None:
                 event, _ = generation.accept(int(token.reshape(-1)[0]), sent_at=sent)

@@ -126,21 +126,14 @@ def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], tim
             # the reason (failed to connect, ...) went to the callback
             raise _stream_failed(responses, e, url) from None
         while True:
-            try:
-                result, error, arrived = responses.get(timeout=timeout)
-            except queue.Empty:
-                raise ServerUnavailableError(f"no answer from the Triton server at {url} (grpc) "
-                                             f"within {timeout} s") from None
-            if error is not None:
-                raise _tritonclient_error(error, url, "grpc")
+            result, arrived = _next_response(responses, url, timeout)
             event = _event_from_outputs(_outputs_of(result), arrived - sent)
             sent = arrived
-            final = result.get_response().parameters.get("triton_final_response")
             if event is not None:
                 if event.finish_reason is not None:
                     finished = True
                 yield event
-            if final is not None and final.bool_param:
+            if _is_final(result):
                 if not finished:
                     raise _cut_short(url, "grpc")
                 return
@@ -150,6 +143,25 @@ def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], tim
         except Exception as e:  # noqa: BLE001
             logger.debug("closing the generate stream failed: %s", e)
         client.close()
+
+
+def _next_response(responses: queue.Queue, url: str, timeout: float) -> tuple[Any, float]:
+    """The next result of a tritonclient stream and when it arrived, waited for at most `timeout`
+    seconds; a stream error is raised as the client's typed error."""
+    try:
+        result, error, arrived = responses.get(timeout=timeout)
+    except queue.Empty:
+        raise ServerUnavailableError(f"no answer from the Triton server at {url} (grpc) "
+                                     f"within {timeout} s") from None
+    if error is not None:
+        raise _tritonclient_error(error, url, "grpc")
+    return result, arrived
+
+
+def _is_final(result: Any) -> bool:
+    """Whether a decoupled stream's result carries Triton's final-response flag."""
+    final = result.get_response().parameters.get("triton_final_response")
+    return final is not None and final.bool_param
 
 
 def _stream_failed(responses: queue.Queue, e: Exception, url: str) -> Exception:

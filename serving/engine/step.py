@@ -235,7 +235,7 @@ class StepEngine:
         while True:
             batch, _ = queue.gather(cohort, block=not (self.scheduler.prefilling or self._own))
             if not batch and queue.closed and not self._own:
-                self._stop_generations("the gpt model is shutting down", send, failed)
+                self._stop_generations("the gpt model is shutting down", send)
                 return
             with self.lock:
                 received = len(batch)
@@ -360,8 +360,7 @@ class StepEngine:
         self.generations.pop(g.sequence_id, None)
         self.scheduler.finish(g.sequence_id)  # no-op when its last step carried END
 
-    def _stop_generations(self, error: str, send: Callable[[Any, Any, bool], None],
-                          failed: Callable[[Any, Exception], Any]) -> None:
+    def _stop_generations(self, error: str, send: Callable[[Any, Any, bool], None]) -> None:
         with self.lock:
             for g in list(self.generations.values()):
                 self._end_generation(g)
