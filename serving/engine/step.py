@@ -41,6 +41,7 @@ from serving.engine.leases import WATCH_INTERVAL_S, Leases
 from serving.engine.loader import load_runtime
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.scheduler import BUSY_PREFIX, Scheduler, StepQueue, StepRequest
+from serving.sampling import greedy_token
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,11 @@ class StepEngine:
             else:
                 error = error or (self.refusal() if not g.cancelled else None)
                 if error is None and not g.cancelled:
-                    event, nxt = g.generation.advance(logits, sent_at=g.sent_at)
+                    gen = g.generation
+                    # greedy, nothing else of the logits used: the float32 row's argmax, without
+                    # the sampler's float64 copy and pass (greedy_token: the same token and errors)
+                    output = np.array([greedy_token(logits)]) if gen.argmax_only else logits
+                    event, nxt = gen.advance(output, sent_at=g.sent_at)
                     g.sent_at = time.perf_counter()
                     response = self.answer_token(g.request, event.token_id, None)
                 else:
