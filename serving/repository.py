@@ -74,7 +74,9 @@ class ServingOptions:
     # decode call, and a lone prompt no longer pays for it (it runs whole).
     max_num_batched_tokens: int = 32
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (physical cores)
-    intra_op_spinning: bool = False  # ORT's spin-waiting workers; see serving.engine.runtime.session_options
+    # ORT's spin-waiting workers (its default); see serving.engine.runtime.session_options for the
+    # measurements behind it
+    intra_op_spinning: bool = True
     generate_instances: int = 1
 
     def __post_init__(self) -> None:

@@ -77,7 +77,7 @@ def test_the_engine_config_is_what_the_repository_wrote(tiny_export, repository)
     config = EngineConfig.from_triton(triton_model_config(repository), repository / "gpt" / "1")
     assert config.engine_path == repository / "gpt" / "1" / onnx_path.name and config.engine_path.is_file()
     assert config.model_config == json.loads(json.dumps(model.config.to_dict()))
-    assert config.max_sequences == 3 and config.intra_op_threads is None and config.spinning is False
+    assert config.max_sequences == 3 and config.intra_op_threads is None and config.spinning is True
     assert config.idle_timeout_s == 2.5 and config.max_step_wait_s == pytest.approx(1234e-6)
     assert config.prefix_cache is True and config.max_num_batched_tokens == 32  # the defaults
 

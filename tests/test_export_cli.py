@@ -43,7 +43,8 @@ def exported(hf_checkpoint, tmp_path_factory):
     _, folder = hf_checkpoint
     out = tmp_path_factory.mktemp("out") / "repo"
     result = runner.invoke(app, ["--model", str(folder), "--precision", "fp32", "--output", str(out),
-                                 "--max-batch-size", "4", "--no-prefix-cache", "--max-num-batched-tokens", "48"])
+                                 "--max-batch-size", "4", "--no-prefix-cache", "--max-num-batched-tokens", "48",
+                                 "--no-intra-op-spinning"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -59,7 +60,8 @@ def test_transformers_checkpoint_end_to_end(hf_checkpoint, exported):
     configs = validate_repository(repo)
     assert configs["gpt"].max_batch_size == 4
     params = {k: v.string_value for k, v in configs["gpt"].parameters.items()}
-    assert (params["prefix_cache"], params["max_num_batched_tokens"]) == ("0", "48")  # the flags, written
+    # the flags, written
+    assert (params["prefix_cache"], params["max_num_batched_tokens"], params["intra_op_spinning"]) == ("0", "48", "0")
     # the served graph, run by the serving engine, equals transformers' own logits
     runtime = OrtRuntime(repo / "gpt" / "1" / "model.onnx")
     pool = runtime.new_pool(max_sequences=1, max_length=SHAPE["n_positions"])

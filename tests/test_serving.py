@@ -90,7 +90,7 @@ def test_the_repository_flavours(tmp_path):
         assert [o.name for o in config.output] == [tensors.LOGITS, tensors.OUTPUT_IDS]
         if decoupled:
             assert config.parameters["max_step_wait_microseconds"].string_value == "1234"
-        assert config.parameters["intra_op_spinning"].string_value == "0"  # the served engine does not spin
+        assert config.parameters["intra_op_spinning"].string_value == "1"  # ORT's spinning workers, on by default
         # on by default: the prefix cache, and chunks of 64 prompt tokens
         assert config.parameters["prefix_cache"].string_value == ("1" if decoupled else "0")
         assert config.parameters["max_num_batched_tokens"].string_value == ("32" if decoupled else "0")

@@ -81,11 +81,15 @@ def session_options(*, intra_op_threads: Optional[int] = None, spinning: bool = 
     - all graph optimisations (ORT's own fusions and constant folding on load);
     - the memory-pattern planner off: it plans for one set of input shapes, and every decode
       step brings a new total length (ORT's advice for dynamic shapes).
-    - spinning intra-op threads (ORT's default): lower latency when nothing else needs the cores.
-      The served engine turns it off (``spinning=False``): after each step Triton, the stub's
-      response and the client need the cores that spinning workers would burn. Measured (gpt2
-      shape, 2 cores, client-side loop, 5 paired prompts): 5.5% lower ITL at 1 stream, no
-      change at 8.
+    - spinning intra-op threads (ORT's default; ``spinning=False`` sets
+      ``session.intra_op.allow_spinning`` to 0). The served engine spins too, unless its
+      config.pbtxt says ``intra_op_spinning: "0"`` (``export-model --no-intra-op-spinning``).
+      Measured on the AVX-512 host (gpt2 shape, 2 cores, `gptpipe bench --concurrency 1,8
+      --requests 8`, spinning off and on alternating, 3 rounds, 2026-12-02): int8 decode
+      tokens/s at 1 stream on ÷ off 1.13, 1.07, 1.17 (the engine's own loop) and 1.27, 1.07,
+      1.16 (the client-side loop); at 8 streams 1.39, 1.05, 1.04 and 0.98, 1.01, 1.08, but ITL
+      p99 at 8 grew in 5 of those 6 pairs (by up to 55%). fp32: 1.16, 0.97, 0.99 at 1 stream.
+      On the earlier AVX-only host, with the client loop of then, off was 5.5% faster at 1.
     """
     if intra_op_threads is not None and intra_op_threads < 1:
         raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")

@@ -90,8 +90,7 @@ class EngineConfig:
             model_config=json.loads(params["model_config"]),
             max_sequences=int(params["max_sequences"]),
             intra_op_threads=int(params.get("intra_op_threads") or 0) or None,
-            # spinning workers would take the cores Triton and the clients need between steps
-            spinning=params.get("intra_op_spinning", "0") == "1",
+            spinning=params.get("intra_op_spinning", "1") == "1",  # ORT's default, and ours
             idle_timeout_s=idle_us / 1e6,
             max_step_wait_s=int(params.get("max_step_wait_microseconds") or 0) / 1e6,
             prefix_cache=params.get("prefix_cache", "1") == "1",
