@@ -143,8 +143,8 @@ def export_model(
                                          "of other sequences run between chunks); 0: whole prompts")] = 32,
     intra_op_spinning: Annotated[bool, typer.Option(
         "--intra-op-spinning/--no-intra-op-spinning",
-        help="ONNX Runtime's spin-waiting intra-op threads in the served engine (ORT's default): "
-             "faster steps; off leaves the cores to Triton and the clients between steps")] = True,
+        help="ONNX Runtime's spin-waiting intra-op threads in the served engine, inside each step (they "
+             "stop when it returns): faster steps; off: the workers sleep between an op's tasks too")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")] = False,
 ) -> None:
     """Export a GPT-2 checkpoint to ONNX with a KV cache, validate it against PyTorch, and write

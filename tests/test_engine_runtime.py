@@ -66,6 +66,7 @@ def test_runtime_reads_the_graph(runtime: OrtRuntime, model: GPT) -> None:
     assert session_options(spinning=False).get_session_config_entry(spin) == "0"
     with pytest.raises(Exception):  # ORT's default (spinning) leaves the entry unset
         session_options().get_session_config_entry(spin)
+    assert session_options(stop_spinning_after_run=True).get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_step_updates_the_pool_in_place(runtime: OrtRuntime, model: GPT) -> None:

@@ -82,6 +82,16 @@ def test_the_engine_config_is_what_the_repository_wrote(tiny_export, repository)
     assert config.prefix_cache is True and config.max_num_batched_tokens == 32  # the defaults
 
 
+def test_the_served_engine_spins_only_inside_a_step(repository) -> None:
+    """ORT's workers spin during a step and stop when it returns (session.force_spinning_stop):
+    between steps the cores are Triton's and the clients'."""
+    engine, _ = engine_for(repository)
+    options = engine.runtime.session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(Exception):  # spinning is on: ORT's default leaves allow_spinning unset
+        options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_parse_step_takes_one_sequence_per_request() -> None:
     step = parse_step(np.array([[5, 6, 7]], dtype=np.int32), sequence_id=np.uint64(9), start=np.int32(1),
                       end=np.int32(0))

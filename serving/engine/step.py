@@ -159,8 +159,9 @@ class StepEngine:
     def __init__(self, config: EngineConfig, *, answer: Answer, make_metric: MakeMetric) -> None:
         c = config.model_config
         self.config, self.answer = config, answer
+        # spinning stops when a step returns: between steps the cores are Triton's and the clients'
         self.runtime = load_runtime(config.engine_path, intra_op_threads=config.intra_op_threads,
-                                    spinning=config.spinning)
+                                    spinning=config.spinning, stop_spinning_after_run=True)
         self.pool = KVPool(
             n_layer=c["n_layer"],
             n_head=c["n_head"],
