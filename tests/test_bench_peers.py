@@ -118,6 +118,21 @@ def test_peer_rows_from_a_real_paired_run(tiny):
     assert only_ov["served_vs_llamacpp_fp32"]["skipped"] == "llama.cpp was not asked for (--peers)"
 
 
+def test_the_peer_rows_are_the_worst_precision_measured() -> None:
+    """aggregate8_vs_openvino and ttft_vs_best_peer over several precisions: the worst of them.
+    Both once read a better one (the first continuous-batching run measured; the TTFT of the
+    peers with a decode row only, so OpenVINO int4's 2.2x faster prefill passed as 0.88)."""
+    entries = {"openvino-fp32": {"paired_ratio": 0.86, "paired_ttft_ratio": 1.1},
+               "openvino-cb-fp32": {"ratio": 0.76, "ratios": [0.75, 0.77]},
+               "openvino-cb-int8": {"ratio": 0.65, "ratios": [0.68, 0.63]},
+               "openvino-int4": {"paired_ratio": 0.9, "paired_ttft_ratio": 2.2},
+               "llama.cpp-int4": {"paired_ratio": 0.7, "paired_ttft_ratio": 0.88}}
+    rows = peer_ratios(entries, precisions=["fp32", "int8", "int4"], peers_asked=("openvino", "llama.cpp"))
+    assert rows["aggregate8_vs_openvino"]["value"] == 0.65
+    assert rows["ttft_vs_best_peer"]["value"] == 2.2 and rows["ttft_vs_best_peer"]["pass"] is False
+    assert rows["served_vs_llamacpp_int4"]["value"] == 0.7
+
+
 def test_each_peer_is_paired_with_prompts_the_server_has_not_seen(tiny, monkeypatch):
     """Two peers timed against one server: the second one's served requests must not repeat the
     first one's prompts (the server's prefix cache would answer their prefill: a TTFT ratio of a
