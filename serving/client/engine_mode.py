@@ -8,8 +8,6 @@ The benchmark's ``--mode engine`` runs on it.
 
 from __future__ import annotations
 
-import logging
-import queue
 import time
 from collections.abc import Iterator
 
@@ -17,39 +15,29 @@ import numpy as np
 
 from serving import tensors
 from serving.client.request import _new_correlation_id
-from serving.client.server_mode import _cut_short, _is_final, _next_response, _stream_failed
+from serving.client.server_mode import _cut_short, _GrpcStream, _is_final
 from serving.engine.generations import generation_spec
 from serving.generation import Generation, TokenEvent
-
-logger = logging.getLogger(__name__)
 
 
 def _grpc_engine_events(url: str, generation: Generation, timeout: float) -> Iterator[TokenEvent]:
     """Events of one engine-side generation (a START+END `gpt` request with the
     gptpipe_generate parameter) over its own tritonclient gRPC stream."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     if generation.return_logprobs:
         raise ValueError("the engine-side loop answers token ids only: log-probs need mode='client'")
-    client = grpcclient.InferenceServerClient(url)
-    responses: queue.Queue = queue.Queue()
-    ended = False  # the engine's stream is over (its FINAL response came)
+    stream = _GrpcStream(url, "engine")
     try:
-        client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
         ids = grpcclient.InferInput(tensors.INPUT_IDS, [1, len(generation.prompt_ids)], "INT64")
         ids.set_data_from_numpy(np.asarray([generation.prompt_ids], dtype=np.int64))
         sent = time.perf_counter()
-        try:
-            client.async_stream_infer(tensors.GPT_MODEL, [ids], outputs=[grpcclient.InferRequestedOutput(tensors.OUTPUT_IDS)],
-                                      sequence_id=_new_correlation_id(), sequence_start=True, sequence_end=True,
-                                      parameters={tensors.GENERATE_PARAMETER: generation_spec(generation)},
-                                      enable_empty_final_response=True)
-        except InferenceServerException as e:
-            raise _stream_failed(responses, e, url) from None
+        stream.send(tensors.GPT_MODEL, [ids], outputs=[grpcclient.InferRequestedOutput(tensors.OUTPUT_IDS)],
+                    sequence_id=_new_correlation_id(), sequence_start=True, sequence_end=True,
+                    parameters={tensors.GENERATE_PARAMETER: generation_spec(generation)})
         while True:
-            result, arrived = _next_response(responses, url, timeout)
-            ended = _is_final(result)
+            result, arrived = stream.next(timeout)
+            stream.ended = _is_final(result)  # the engine's stream is over (its FINAL response came)
             token = result.as_numpy(tensors.OUTPUT_IDS)
             if token is not None:
                 event, _ = generation.accept(int(token.reshape(-1)[0]), sent_at=sent)
@@ -57,11 +45,7 @@ def _grpc_engine_events(url: str, generation: Generation, timeout: float) -> Ite
                 yield event
                 if event.finish_reason is not None:
                     return
-            if ended:
+            if stream.ended:
                 raise _cut_short(url, "grpc")
     finally:
-        try:
-            client.stop_stream(cancel_requests=not ended)  # cancelled: the engine stops the generation
-        except Exception as e:  # noqa: BLE001
-            logger.debug("closing the engine stream failed: %s", e)
-        client.close()
+        stream.close()  # not ended: cancelled, and the engine stops the generation

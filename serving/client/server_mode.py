@@ -106,43 +106,67 @@ def _grpc_infer_inputs(inputs: dict[str, np.ndarray]) -> list[Any]:
     return infer_inputs
 
 
-def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:
-    """Events of one `generate` request over its own gRPC stream (tritonclient start_stream)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+class _GrpcStream:
+    """One tritonclient gRPC stream (``start_stream``) and its results, queued with their arrival
+    times. ``close()`` cancels what is still running on it unless ``ended`` was set (the
+    request's last response came): the server stops that request."""
 
-    client = grpcclient.InferenceServerClient(url)
-    responses: queue.Queue = queue.Queue()
-    finished = False
-    try:
-        client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
-        infer_inputs = _grpc_infer_inputs(inputs)
-        sent = time.perf_counter()
+    def __init__(self, url: str, what: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.what = url, what
+        self.responses: queue.Queue = queue.Queue()
+        self.ended = False
+        self.client = grpcclient.InferenceServerClient(url)
         try:
-            client.async_stream_infer(model, infer_inputs, request_id=str(_new_correlation_id()),
-                                      enable_empty_final_response=True)
+            self.client.start_stream(
+                callback=lambda result, error: self.responses.put((result, error, time.perf_counter())))
+        except BaseException:
+            self.client.close()
+            raise
+
+    def send(self, model: str, inputs: list[Any], **kwargs: Any) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            self.client.async_stream_infer(model, inputs, enable_empty_final_response=True, **kwargs)
         except InferenceServerException as e:
             # the stream failed before the request was written ("no longer in valid state"):
             # the reason (failed to connect, ...) went to the callback
-            raise _stream_failed(responses, e, url) from None
+            raise _stream_failed(self.responses, e, self.url) from None
+
+    def next(self, timeout: float) -> tuple[Any, float]:
+        return _next_response(self.responses, self.url, timeout)
+
+    def close(self) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=not self.ended)
+        except Exception as e:  # noqa: BLE001
+            logger.debug("closing the %s stream failed: %s", self.what, e)
+        self.client.close()
+
+
+def _grpc_server_events(url: str, model: str, inputs: dict[str, np.ndarray], timeout: float) -> Iterator[TokenEvent]:
+    """Events of one `generate` request over its own gRPC stream; closed early, the stream
+    cancels the request (the server stops and ENDs it)."""
+    stream = _GrpcStream(url, "generate")
+    try:
+        sent = time.perf_counter()
+        stream.send(model, _grpc_infer_inputs(inputs), request_id=str(_new_correlation_id()))
         while True:
-            result, arrived = _next_response(responses, url, timeout)
+            result, arrived = stream.next(timeout)
             event = _event_from_outputs(_outputs_of(result), arrived - sent)
             sent = arrived
             if event is not None:
                 if event.finish_reason is not None:
-                    finished = True
+                    stream.ended = True
                 yield event
             if _is_final(result):
-                if not finished:
+                if not stream.ended:
                     raise _cut_short(url, "grpc")
                 return
     finally:
-        try:
-            client.stop_stream(cancel_requests=not finished)  # cancel: the server stops and ENDs
-        except Exception as e:  # noqa: BLE001
-            logger.debug("closing the generate stream failed: %s", e)
-        client.close()
+        stream.close()
 
 
 def _next_response(responses: queue.Queue, url: str, timeout: float) -> tuple[Any, float]:
