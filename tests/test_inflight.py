@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import numpy as np
 import pytest
@@ -125,22 +125,41 @@ def test_a_bad_step_gets_its_error_on_the_stream_and_the_server_keeps_serving(in
     assert wait_for(lambda: inflight.active_sequences() == 0)
 
 
-def test_a_full_pool_is_server_busy_over_the_stream(inflight, client):
-    slots = 8
+@contextmanager
+def full_pool(inflight, client, slots=8):
+    """Every KV slot held by a client-side stream that has its first token; closed on exit."""
     holders = [client.generate(PROMPTS[0], max_new_tokens=100, temperature=1.0, seed=i, stream=True)
                for i in range(slots)]
     try:
         for stream in holders:
             next(stream)
         assert inflight.active_sequences() == slots
+        yield holders
+    finally:
+        for stream in holders:
+            stream.close()
+
+
+def test_a_full_pool_is_server_busy_over_the_stream(inflight, client):
+    slots = 8
+    with full_pool(inflight, client, slots) as holders:
         with Client(inflight.server.grpc_url, queue_timeout=0) as impatient:
             with pytest.raises(ServerBusyError, match=rf"^server busy: {slots} of {slots}"):
                 impatient.generate(PROMPTS[1], max_new_tokens=4)
         threading.Timer(0.5, holders.pop().close).start()
         with Client(inflight.server.grpc_url, queue_timeout=20) as patient:
             waited = patient.generate(PROMPTS[1], max_new_tokens=4, temperature=0)
-    finally:
-        for stream in holders:
-            stream.close()
+    assert waited.token_ids == inflight.reference(PROMPTS[1], 4)
+    assert wait_for(lambda: inflight.active_sequences() == 0)
+
+
+def test_a_full_pool_makes_the_generate_model_wait_for_a_slot(inflight, client):
+    """The server-side loop retries a START that `gpt` refused as busy (the engine's own loop:
+    one request per try, backing off) until a slot frees, then gives PyTorch's tokens."""
+    with full_pool(inflight, client) as holders:
+        before = metric(inflight.server, "gptpipe_busy_rejections_total")
+        threading.Timer(1.0, holders.pop().close).start()
+        waited = client.generate(PROMPTS[1], max_new_tokens=4, temperature=0, mode="server")
+        assert metric(inflight.server, "gptpipe_busy_rejections_total") > before  # refused first, then it waited
     assert waited.token_ids == inflight.reference(PROMPTS[1], 4)
     assert wait_for(lambda: inflight.active_sequences() == 0)

@@ -286,7 +286,7 @@ class _BlsStep:
             flags=flags,
             timeout=int(STEP_TIMEOUT_S * 1e6),  # microseconds
         )
-        deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
+        retry = _BusyRetry()
         while True:
             response = self._exec(request)
             if not response.has_error():
@@ -295,13 +295,34 @@ class _BlsStep:
             busy = message.startswith("server busy")
             if busy and start:
                 self._end_refused(ids)
-            if busy and start and time.monotonic() + delay < deadline:
-                time.sleep(delay)  # wait for a slot: another sequence ends soon
-                delay = min(2 * delay, 0.2)
-                continue
-            if busy or message.startswith(("prompt too long", "server shutting down")):
-                raise _StepRefused(message)
-            raise RuntimeError(message)
+            if not (busy and start and retry.wait()):
+                raise _refusal(message)
+
+
+class _BusyRetry:
+    """The waits between tries of a START that `gpt` refused as busy (another sequence ends
+    soon): doubling from 5 ms to at most 0.2 s, for up to QUEUE_TIMEOUT_S in all."""
+
+    def __init__(self):
+        self.deadline, self.delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
+
+    def wait(self):
+        """Wait before the next try; False (no wait) when it would pass the deadline."""
+        if time.monotonic() + self.delay >= self.deadline:
+            return False
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, 0.2)
+        return True
+
+
+def _refusal(message):
+    """The error for a message `gpt` answered a step or a generation with: a refusal the client
+    can act on is passed on as is (busy, too long, shutting down, a bad parameter)."""
+    if message.startswith("invalid parameter"):
+        return InvalidParameterError(message.removeprefix("invalid parameter: "))
+    if message.startswith(("server busy", "prompt too long", "server shutting down")):
+        return _StepRefused(message)
+    return RuntimeError(message)
 
 
 def _gpt_request(ids, correlation_id, parameters):
@@ -355,7 +376,7 @@ def _engine_tokens(generation):
     engine (a cancel request: Triton 2.51's BLS cannot cancel a request)."""
     ids = np.asarray(generation.prompt_ids, dtype=np.int64)[None, :]
     spec = {tensors.GENERATE_PARAMETER: generation_spec(generation)}
-    deadline, delay = time.monotonic() + QUEUE_TIMEOUT_S, 0.005
+    retry = _BusyRetry()
     while True:  # a START refused as busy is retried until a slot frees
         correlation_id = secrets.randbits(63) + 1
         stream = _Stream(_gpt_request(ids, correlation_id, spec))
@@ -366,20 +387,12 @@ def _engine_tokens(generation):
             break
         message = response.error().message()
         stream.drain()
-        if message.startswith("server busy") and time.monotonic() + delay < deadline:
-            time.sleep(delay)
-            delay = min(2 * delay, 0.2)
-            continue
-        if message.startswith("invalid parameter"):
-            raise InvalidParameterError(message.removeprefix("invalid parameter: "))
-        if message.startswith(("server busy", "prompt too long", "server shutting down")):
-            raise _StepRefused(message)
-        raise RuntimeError(message)
+        if not (message.startswith("server busy") and retry.wait()):
+            raise _refusal(message)
     try:
         while True:
             if response.has_error():
-                message = response.error().message()
-                raise (_StepRefused if message.startswith("server shutting down") else RuntimeError)(message)
+                raise _refusal(response.error().message())
             token = pb_utils.get_output_tensor_by_name(response, tensors.OUTPUT_IDS)
             if token is None:
                 raise RuntimeError(f"{tensors.GPT_MODEL} ended the generation before its last token")
