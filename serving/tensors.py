@@ -31,6 +31,7 @@ LOGIT_ROWS = "logit_rows"  # static cache: batch_size + 1 (the rows, then the ch
 _TRITON = {
     "int64": ("INT64", "TYPE_INT64"),
     "int32": ("INT32", "TYPE_INT32"),
+    "int8": ("INT8", "TYPE_INT8"),
     "uint64": ("UINT64", "TYPE_UINT64"),
     "float32": ("FP32", "TYPE_FP32"),
     "float16": ("FP16", "TYPE_FP16"),

@@ -30,11 +30,12 @@ def test_pool_allocates_lowest_free_slot_and_reports_full() -> None:
         pool.free(2)
 
 
-def test_pool_memory_is_allocated_once() -> None:
-    pool = small_pool(dtype="float16")
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_pool_memory_is_allocated_once(dtype) -> None:
+    pool = small_pool(dtype=dtype)
     assert pool.shape == (3, 4, 32, 16)
-    assert all(k.shape == pool.shape and k.dtype == np.float16 and k.flags.c_contiguous for k in pool.keys + pool.values)
-    assert pool.nbytes == 2 * 2 * 3 * 4 * 32 * 16 * 2
+    assert all(k.shape == pool.shape and k.dtype == np.dtype(dtype) and k.flags.c_contiguous for k in pool.keys + pool.values)
+    assert pool.nbytes == 2 * 2 * 3 * 4 * 32 * 16 * np.dtype(dtype).itemsize
     pointers = [a.ctypes.data for a in pool.keys + pool.values]
     for _ in range(3):
         pool.free(pool.allocate())
@@ -42,7 +43,7 @@ def test_pool_memory_is_allocated_once() -> None:
 
 
 @pytest.mark.parametrize("field, value", [("max_sequences", 0), ("max_length", -1), ("n_layer", 1.5),
-                                          ("dtype", "int8")])
+                                          ("dtype", "int16")])
 def test_pool_rejects_bad_sizes(field, value) -> None:
     with pytest.raises(ValueError, match=field if field != "dtype" else "dtype"):
         small_pool(**{field: value})

@@ -120,6 +120,9 @@ def test_interrupted_export_leaves_the_previous_repository_intact(hf_checkpoint,
     (["--max-step-wait-us", "-1"], "--max-step-wait-us must be >= 0"),
     (["--max-num-batched-tokens", "-1"], "--max-num-batched-tokens must be >= 0"),
     (["--opset", "11"], "opset 11 is too old"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, int8"),
+    (["--precision", "fp32", "--kv-cache-dtype", "int8"],
+     "--kv-cache-dtype int8 needs the static cache and precision int8 or int4"),
     (["--model", "no-such-model"], "--model no-such-model"),
     (["--model", "tiny-random"], "has no tokenizer; pass --tokenizer"),
 ])
@@ -157,21 +160,28 @@ def test_validation_failure_fails_the_export(hf_checkpoint, tmp_path, monkeypatc
     assert not out.exists() and not list(tmp_path.glob(".repo.tmp-*"))
 
 
-def test_int4_repository_is_served_by_triton_with_the_engine_tokens(hf_checkpoint, tmp_path, triton_server_factory):
-    """`--precision int4` end to end: the export validates (int4 tolerances), the manifest says
-    int4, the graph is MatMulNBits, and a real tritonserver serves the repository: its greedy
-    tokens (server-side loop and client loop) are the int4 engine's own, run in this process."""
+@pytest.mark.parametrize("precision,kv_cache_dtype,quantized_op", [("int4", "auto", "MatMulNBits"),
+                                                                    ("int8", "int8", "MatMulInteger")])
+def test_quantized_repository_is_served_by_triton_with_the_engine_tokens(hf_checkpoint, tmp_path, triton_server_factory,
+                                                                         precision, kv_cache_dtype, quantized_op):
+    """`--precision int4`, and `--precision int8 --kv-cache-dtype int8`, end to end: the export
+    validates (the precision's tolerances), the manifest says what was exported, the graph has the
+    quantized ops (and an int8 cache), and a real tritonserver serves the repository: its greedy
+    tokens (server-side loop and client loop) are the engine's own, run in this process."""
     from serving import Client
     from serving.bench.ort_loop import OrtLoop
+    from serving.engine.runtime import OrtRuntime
 
     _, folder = hf_checkpoint
     repo = tmp_path / "repo"
-    result = runner.invoke(app, ["--model", str(folder), "--precision", "int4", "--output", str(repo),
-                                 "--max-batch-size", "2"])
+    result = runner.invoke(app, ["--model", str(folder), "--precision", precision, "--kv-cache-dtype", kv_cache_dtype,
+                                 "--output", str(repo), "--max-batch-size", "2"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((repo / "manifest.json").read_text())
-    assert manifest["precision"] == "int4" and verify_manifest(repo) == []
-    assert manifest["fusions"]["op_counts_after"]["MatMulNBits"] == 4 * SHAPE["n_layer"] + 1
+    assert manifest["precision"] == precision and verify_manifest(repo) == []
+    assert manifest["kv_cache_dtype"] == kv_cache_dtype
+    assert manifest["fusions"]["op_counts_after"][quantized_op] == 4 * SHAPE["n_layer"] + 1
+    assert OrtRuntime(repo / "gpt" / "1" / "model.onnx").kv_dtype == (np.int8 if kv_cache_dtype == "int8" else np.float32)
     engine = repo / "gpt" / "1" / "model.onnx"
     prompt = np.random.default_rng(11).integers(0, SHAPE["vocab_size"], 9).tolist()
     expected = list(OrtLoop(engine, threads=1).generate(prompt, 12).tokens)

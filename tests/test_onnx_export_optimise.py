@@ -91,3 +91,64 @@ def test_int4_static_export_validates_and_quantizes_every_matmul_blockwise(model
     other = randomize_aux(GPT(model.config), seed=2).eval()
     with pytest.raises(ValidationError, match=r"check 'all checks \(\d+ positions\)': rms\(Δlogits\)"):
         validate_onnx(result.path, other, precision="int4")
+
+
+# ------------------------------------------------------------------ int8 KV cache
+
+
+# rms(dequantized cache - PyTorch's K/V) / rms(PyTorch's), measured on the tiny model: 0.014-0.016
+# (int8) and 0.082-0.103 (int4, mostly its weights' own rounding)
+KV_REL_LIMIT = {"int8": 0.05, "int4": 0.3}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_int8_kv_cache_export_validates_and_stores_pytorchs_keys_in_int8(model: GPT, text_tokens, tmp_path: Path,
+                                                                         precision: str) -> None:
+    import torch
+
+    result = export_onnx(model, tmp_path / "gpt.onnx", precision=precision, text_tokens=text_tokens,
+                         kv_cache_dtype="int8")
+    assert result.kv_cache_dtype == "int8"
+    rt = OrtRuntime(result.path)
+    assert rt.kv_dtype == np.int8 and rt.logits_dtype == np.float32
+    assert rt.metadata["gptpipe.kv_cache_dtype"] == "int8"
+    gqa = [n for n in graph(result).node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 * model.config.n_layer
+    for node in gqa:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["k_quant_type"], attrs["v_quant_type"], attrs["kv_cache_bit_width"]) == (b"PER_CHANNEL", b"PER_CHANNEL", 8)
+    tol = TOLERANCES[precision]
+    report = result.validation
+    assert report.overall.rel_logits <= tol.max_rel_logits
+    assert report.overall.agreement is None or report.overall.agreement >= tol.min_agreement
+    assert report.perplexity.rel_change <= tol.max_rel_ppl
+    # the pool holds PyTorch's keys and values through the graph's scales: dequantized, they are
+    # within the rounding of the weights (int8, int4) and of the cache's own int8 steps
+    pool = rt.new_pool(max_sequences=2, max_length=64)
+    float_pool = np.zeros(pool.shape, np.float32).nbytes * 2 * pool.n_layer
+    assert pool.nbytes * 4 == float_pool
+    prompt = np.asarray(text_tokens[:20])[None]
+    rt.step(prompt, pool=pool, slot_start=1, past_lengths=[0])
+    with torch.inference_mode():
+        _, presents = model.eval()(torch.as_tensor(prompt))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph(result).initializer}
+    for layer, (k, v) in enumerate(presents):
+        for kind, ref, got in (("key", k, pool.keys[layer]), ("value", v, pool.values[layer])):
+            scale = inits[f"kv_cache_scale.{layer}.{kind}"]  # (1, nh, 1, hs)
+            ref = ref.numpy()
+            dequantized = got[1:2, :, :20].astype(np.float32) * scale
+            rel = float(np.sqrt(np.mean((dequantized - ref) ** 2) / np.mean(ref ** 2)))
+            assert rel < KV_REL_LIMIT[precision], (layer, kind, rel)
+            assert np.abs(got[1:2, :, :20]).max() > 40  # the scales use the int8 range
+            assert not got[0].any()  # the other slot was not touched
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(precision="fp32", kv_cache_dtype="int8"), "int8 needs the static cache and precision int8 or int4"),
+    (dict(precision="int8", kv_cache="dynamic", kv_cache_dtype="int8"), "got the dynamic cache and int8"),
+    (dict(precision="int8", kv_cache_dtype="fp8"), "kv_cache_dtype must be one of auto, int8"),
+])
+def test_int8_kv_cache_is_refused_where_it_does_not_apply(model: GPT, tmp_path: Path, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        export_onnx(model, tmp_path / "gpt.onnx", **kwargs)
+    assert not (tmp_path / "gpt.onnx").exists()

@@ -26,12 +26,12 @@ static-cache attention op), export, optimise, validate, pipeline (`export_onnx`,
 """
 
 from export.onnx.export import DEFAULT_OPSET, check_opset
-from export.onnx.graph import KV_CACHES, PRECISIONS, ExportError
+from export.onnx.graph import KV_CACHE_DTYPES, KV_CACHES, PRECISIONS, ExportError
 from export.onnx.optimise import to_fp16, to_int4, to_int8
 from export.onnx.pipeline import ExportResult, export_onnx
 from export.onnx.validate import TOLERANCES, Tolerance, ValidationError, ValidationReport, validate_onnx
 
 __all__ = [
-    "DEFAULT_OPSET", "KV_CACHES", "PRECISIONS", "TOLERANCES", "ExportError", "ExportResult", "Tolerance",
+    "DEFAULT_OPSET", "KV_CACHE_DTYPES", "KV_CACHES", "PRECISIONS", "TOLERANCES", "ExportError", "ExportResult", "Tolerance",
     "ValidationError", "ValidationReport", "check_opset", "export_onnx", "to_fp16", "to_int4", "to_int8", "validate_onnx",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -16,6 +17,9 @@ from export.onnx.export import quiet_toolchain
 from export.onnx.graph import ExportError, external_data_path, save_model
 from export.onnx.ops import MS_DOMAIN
 from serving import tensors
+
+if TYPE_CHECKING:
+    from export.model import GPT
 
 LM_HEAD_WEIGHT = "lm_head.weight"  # int8: the head's own (C, V) copy of the tied embedding
 
@@ -152,3 +156,72 @@ def to_int4(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
         raise ExportError("int4 quantization left no MatMulNBits in the graph")
     return out
+
+
+# int8 KV cache: ONNX Runtime's GroupQueryAttention stores keys and values as int8 with one static
+# fp32 scale per (head, channel) (`PER_CHANNEL`, symmetric) and writes each step's new K/V through
+# it; the scales come from the fp32 model's own keys and values on calibration tokens, times a
+# headroom for values beyond what calibration saw (those saturate at +-127).
+KV_INT8_HEADROOM = 1.25
+KV_CALIBRATION_ROWS = 4
+KV_CALIBRATION_LENGTH = 256
+
+
+def kv_cache_scales(model: "GPT", text_tokens: Optional[Sequence[int]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the (key, value) scales (nh, hs): max |K| and |V| per head and channel over
+    seeded random prompts (and `text_tokens`, when given) in PyTorch fp32, x headroom / 127."""
+    import torch
+
+    c = model.config
+    length = min(KV_CALIBRATION_LENGTH, c.n_positions)
+    rng = np.random.default_rng(4321)
+    batches = [rng.integers(0, c.vocab_size, size=(KV_CALIBRATION_ROWS, length))]
+    if text_tokens is not None and len(text_tokens) >= 2:
+        batches.append(np.asarray(list(text_tokens)[:length])[None])
+    amax: Optional[list[list[np.ndarray]]] = None
+    model = model.eval()
+    with torch.inference_mode():
+        for ids in batches:
+            _, presents = model(torch.as_tensor(ids, dtype=torch.long))
+            got = [[t.abs().amax(dim=(0, 2)).float().numpy() for t in kv] for kv in presents]  # (nh, hs)
+            amax = got if amax is None else [[np.maximum(a, g) for a, g in zip(la, lg)] for la, lg in zip(amax, got)]
+    assert amax is not None
+    return [tuple(np.maximum(a * KV_INT8_HEADROOM / 127.0, 1e-6).astype(np.float32) for a in layer)  # type: ignore[misc]
+            for layer in amax]
+
+
+def to_int8_kv_cache(proto: onnx.ModelProto, scales: Sequence[tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+    """Every GroupQueryAttention reads and writes an int8 cache: its past/present graph inputs and
+    outputs become int8 and each node gets its layer's k_scale / v_scale (1, nh, 1, hs)."""
+    graph = proto.graph
+    layer_of = {}
+    for l in range(len(scales)):
+        for prefix in ("", tensors.CHUNK_PREFIX):
+            layer_of[prefix + tensors.past_key(l)] = l
+    for l, (k, v) in enumerate(scales):
+        for kind, s in (("key", k), ("value", v)):
+            graph.initializer.append(numpy_helper.from_array(s.reshape(1, s.shape[0], 1, s.shape[1]),
+                                                             f"kv_cache_scale.{l}.{kind}"))
+    seen = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        layer = layer_of.get(node.input[3])
+        if layer is None or len(node.input) != 7:
+            raise ExportError(f"unexpected GroupQueryAttention {node.name!r} with inputs {list(node.input)}")
+        # optional inputs 7-11 (rotary caches, position ids, bias, sink) stay empty; 12, 13 are the scales
+        node.input.extend([""] * 5 + [f"kv_cache_scale.{layer}.key", f"kv_cache_scale.{layer}.value"])
+        node.attribute.extend([onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("kv_cache_bit_width", 8)])
+        seen += 1
+    if seen != 2 * len(scales):
+        raise ExportError(f"found {seen} GroupQueryAttention nodes, expected {2 * len(scales)} (two per layer)")
+    kv_names = set(layer_of)
+    for l in range(len(scales)):
+        for prefix in ("", tensors.CHUNK_PREFIX):
+            kv_names |= {prefix + tensors.past_value(l), prefix + tensors.present_key(l), prefix + tensors.present_value(l)}
+    for value in list(graph.input) + list(graph.output):
+        if value.name in kv_names:
+            value.type.tensor_type.elem_type = onnx.TensorProto.INT8
+    return proto

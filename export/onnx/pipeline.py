@@ -14,9 +14,10 @@ from typing import Any, Optional, Sequence
 
 from export.model import GPT
 from export.onnx.export import DEFAULT_OPSET, check_opset, set_io_shapes, torch_export
-from export.onnx.graph import (KV_CACHES, PRECISIONS, check_io, external_data_path, graph_specs, model_files,
-                               op_counts, save_model, set_metadata)
-from export.onnx.optimise import fuse_transformer_ops, to_fp16, to_int4, to_int8
+from export.onnx.graph import (KV_CACHES, PRECISIONS, check_io, external_data_path, graph_specs,
+                               kv_cache_dtype_problem, model_files, op_counts, save_model, set_metadata)
+from export.onnx.optimise import (fuse_transformer_ops, kv_cache_scales, to_fp16, to_int4, to_int8,
+                                  to_int8_kv_cache)
 from export.onnx.validate import ValidationReport, validate_onnx
 from serving import tensors
 
@@ -36,6 +37,7 @@ class ExportResult:
     validation: Optional[ValidationReport] = None
     export_seconds: float = 0.0
     bytes: int = 0
+    kv_cache_dtype: str = "auto"
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -45,7 +47,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "files": [p.name for p in self.paths], "precision": self.precision,
-            "opset": self.opset, "kv_cache": self.kv_cache, "config": self.config,
+            "opset": self.opset, "kv_cache": self.kv_cache, "kv_cache_dtype": self.kv_cache_dtype, "config": self.config,
             "inputs": [asdict(s) for s in self.inputs], "outputs": [asdict(s) for s in self.outputs],
             "fusions": self.fusions,
             "validation": self.validation.to_dict() if self.validation else None,
@@ -63,16 +65,23 @@ def export_onnx(
     optimize: bool = True,
     validate: bool = True,
     text_tokens: Optional[Sequence[int]] = None,
+    kv_cache_dtype: str = "auto",
 ) -> ExportResult:
     """Export `model` to `path` and (by default) validate it against the model in PyTorch.
 
     optimize: ORT transformer fusions (static graph only; the dynamic graph stays standard ONNX).
-    text_tokens: held-out text for the perplexity check (validate_onnx).
+    text_tokens: held-out text for the perplexity check (validate_onnx), and for the int8 KV
+    cache's calibration.
+    kv_cache_dtype: "auto" (the precision's float type) or "int8" (static cache, int8 and int4
+    precisions: the quantized exports, whose tolerances allow for its rounding).
     Raises ValidationError (and leaves `path` as it was) when the graph fails validation."""
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    problem = kv_cache_dtype_problem(kv_cache_dtype, kv_cache=kv_cache, precision=precision)
+    if problem:
+        raise ValueError(f"kv_cache_dtype {problem}")
     check_opset(opset)
     if not isinstance(model, GPT):
         raise ValueError(f"model must be an export.model.GPT, got {type(model).__name__}")
@@ -84,7 +93,7 @@ def export_onnx(
     if kv_cache == "static" and config.head_dim % 8:
         raise ValueError(f"the static cache (GroupQueryAttention) needs head_dim (n_embd / n_head) a "
                          f"multiple of 8, got head_dim {config.head_dim}; use kv_cache='dynamic'")
-    inputs, outputs = graph_specs(config, kv_cache=kv_cache, precision=precision)
+    inputs, outputs = graph_specs(config, kv_cache=kv_cache, precision=precision, kv_cache_dtype=kv_cache_dtype)
 
     t0 = time.perf_counter()
     logger.info("exporting %s (%d layers, %s params) to ONNX: %s cache, %s, opset %d",
@@ -104,9 +113,12 @@ def export_onnx(
     elif precision == "int4":
         logger.info("quantizing MatMul weights to int4 (MatMulNBits, blocks of 32)")
         proto = to_int4(proto)
+    if kv_cache_dtype == "int8":
+        logger.info("int8 KV cache: calibrating per-channel scales in PyTorch")
+        proto = to_int8_kv_cache(proto, kv_cache_scales(model, text_tokens))
     fusions["op_counts_after"] = op_counts(proto)
     check_io(proto, inputs, outputs)
-    set_metadata(proto, config=config, kv_cache=kv_cache, precision=precision)
+    set_metadata(proto, config=config, kv_cache=kv_cache, precision=precision, kv_cache_dtype=kv_cache_dtype)
 
     # written and validated in a staging folder beside `path`, then moved into place: `path` only
     # ever holds a graph that passed (or was not asked to pass) validation
@@ -128,5 +140,6 @@ def export_onnx(
     return ExportResult(
         path=path, precision=precision, opset=opset, kv_cache=kv_cache, config=config.to_dict(),
         inputs=tuple(inputs), outputs=tuple(outputs), fusions=fusions, validation=report,
-        export_seconds=export_seconds, bytes=sum(p.stat().st_size for p in model_files(path)))
+        export_seconds=export_seconds, bytes=sum(p.stat().st_size for p in model_files(path)),
+        kv_cache_dtype=kv_cache_dtype)
 

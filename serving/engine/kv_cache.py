@@ -1,5 +1,7 @@
 """The preallocated KV pool: one key and one value buffer per layer, (max_sequences, nh, max_length,
-hs) each, allocated once; a sequence owns one slot (a row) from start to end.
+hs) each, allocated once; a sequence owns one slot (a row) from start to end. The element type is
+the graph's: float32, float16, or int8 for an export with `--kv-cache-dtype int8` (the graph holds
+the per-channel scales and quantizes each step's new keys and values itself).
 
 The static-cache ONNX graph updates these buffers in place: the runtime binds a contiguous slot
 range `keys[l][s:s+B]` (a view, rows are the leading axis) as both the past input and the present
@@ -32,8 +34,8 @@ class KVPool:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KVPool.{name} must be a positive int, got {value!r}")
         self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype("float32"), np.dtype("float16")):
-            raise ValueError(f"KVPool.dtype must be float32 or float16, got {self.dtype}")
+        if self.dtype not in (np.dtype("float32"), np.dtype("float16"), np.dtype("int8")):
+            raise ValueError(f"KVPool.dtype must be float32, float16 or int8 (the quantized cache), got {self.dtype}")
         self.n_layer, self.n_head, self.head_dim = int(n_layer), int(n_head), int(head_dim)
         self.max_sequences, self.max_length = int(max_sequences), int(max_length)
         shape = (self.max_sequences, self.n_head, self.max_length, self.head_dim)

@@ -59,6 +59,7 @@ from serving.engine.kv_cache import KVPool
 logger = logging.getLogger(__name__)
 
 _ORT_DTYPES = {"tensor(float)": np.dtype("float32"), "tensor(float16)": np.dtype("float16"),
+               "tensor(int8)": np.dtype("int8"),
                "tensor(int64)": np.dtype("int64"), "tensor(int32)": np.dtype("int32")}
 
 
