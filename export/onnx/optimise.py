@@ -167,9 +167,9 @@ KV_CALIBRATION_ROWS = 4
 KV_CALIBRATION_LENGTH = 256
 
 
-def kv_cache_scales(model: "GPT", text_tokens: Optional[Sequence[int]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer, the (key, value) scales (nh, hs): max |K| and |V| per head and channel over
-    seeded random prompts (and `text_tokens`, when given) in PyTorch fp32, x headroom / 127."""
+def kv_cache_scales(model: "GPT", text_tokens: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The (n_layer, 2, nh, hs) key and value scales: max |K| and |V| per layer, head and channel
+    over seeded random prompts (and `text_tokens`, when given) in PyTorch fp32, x headroom / 127."""
     import torch
 
     c = model.config
@@ -178,30 +178,26 @@ def kv_cache_scales(model: "GPT", text_tokens: Optional[Sequence[int]] = None) -
     batches = [rng.integers(0, c.vocab_size, size=(KV_CALIBRATION_ROWS, length))]
     if text_tokens is not None and len(text_tokens) >= 2:
         batches.append(np.asarray(list(text_tokens)[:length])[None])
-    amax: Optional[list[list[np.ndarray]]] = None
+    amax = []
     model = model.eval()
     with torch.inference_mode():
         for ids in batches:
-            _, presents = model(torch.as_tensor(ids, dtype=torch.long))
-            got = [[t.abs().amax(dim=(0, 2)).float().numpy() for t in kv] for kv in presents]  # (nh, hs)
-            amax = got if amax is None else [[np.maximum(a, g) for a, g in zip(la, lg)] for la, lg in zip(amax, got)]
-    assert amax is not None
-    return [tuple(np.maximum(a * KV_INT8_HEADROOM / 127.0, 1e-6).astype(np.float32) for a in layer)  # type: ignore[misc]
-            for layer in amax]
+            _, presents = model(torch.as_tensor(ids, dtype=torch.long))  # per layer (K, V): (B, nh, T, hs)
+            amax.append(torch.stack([torch.stack(kv).abs().amax(dim=(1, 3)) for kv in presents]).numpy())
+    return np.maximum(np.max(amax, axis=0) * KV_INT8_HEADROOM / 127.0, 1e-6).astype(np.float32)
 
 
-def to_int8_kv_cache(proto: onnx.ModelProto, scales: Sequence[tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+def to_int8_kv_cache(proto: onnx.ModelProto, scales: np.ndarray) -> onnx.ModelProto:
     """Every GroupQueryAttention reads and writes an int8 cache: its past/present graph inputs and
-    outputs become int8 and each node gets its layer's k_scale / v_scale (1, nh, 1, hs)."""
+    outputs become int8 and each node gets its layer's k_scale / v_scale (1, nh, 1, hs) from
+    `scales` (n_layer, 2, nh, hs)."""
     graph = proto.graph
-    layer_of = {}
-    for l in range(len(scales)):
-        for prefix in ("", tensors.CHUNK_PREFIX):
-            layer_of[prefix + tensors.past_key(l)] = l
-    for l, (k, v) in enumerate(scales):
-        for kind, s in (("key", k), ("value", v)):
-            graph.initializer.append(numpy_helper.from_array(s.reshape(1, s.shape[0], 1, s.shape[1]),
-                                                             f"kv_cache_scale.{l}.{kind}"))
+    n_layer, _, n_head, head_dim = scales.shape
+    for layer in range(n_layer):
+        for kind, s in zip(("key", "value"), scales[layer]):
+            graph.initializer.append(numpy_helper.from_array(s.reshape(1, n_head, 1, head_dim),
+                                                             f"kv_cache_scale.{layer}.{kind}"))
+    layer_of = {prefix + tensors.past_key(l): l for l in range(n_layer) for prefix in ("", tensors.CHUNK_PREFIX)}
     seen = 0
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":
@@ -215,12 +211,10 @@ def to_int8_kv_cache(proto: onnx.ModelProto, scales: Sequence[tuple[np.ndarray, 
                                onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
                                onnx.helper.make_attribute("kv_cache_bit_width", 8)])
         seen += 1
-    if seen != 2 * len(scales):
-        raise ExportError(f"found {seen} GroupQueryAttention nodes, expected {2 * len(scales)} (two per layer)")
-    kv_names = set(layer_of)
-    for l in range(len(scales)):
-        for prefix in ("", tensors.CHUNK_PREFIX):
-            kv_names |= {prefix + tensors.past_value(l), prefix + tensors.present_key(l), prefix + tensors.present_value(l)}
+    if seen != 2 * n_layer:
+        raise ExportError(f"found {seen} GroupQueryAttention nodes, expected {2 * n_layer} (two per layer)")
+    kv_names = {prefix + name for pair in tensors.kv_pairs(n_layer) for name in pair
+                for prefix in ("", tensors.CHUNK_PREFIX)}
     for value in list(graph.input) + list(graph.output):
         if value.name in kv_names:
             value.type.tensor_type.elem_type = onnx.TensorProto.INT8
